@@ -1,0 +1,17 @@
+# Every target runs the project's own virtual environment.
+PY := .venv/bin/python
+# `make setup` installs torch first, so pip never picks a build while resolving the rest.
+# The default pin takes the local CPU wheel on the course machines in seconds and the default
+# (CUDA on Linux) build from PyPI elsewhere. GPU users with their own torch: TORCH_SPEC=
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test
+setup:
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
+		$(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e '.[test]'
+
+test:
+	$(PY) -m pytest -q

@@ -1,0 +1,58 @@
+"""Greedy, batched generation with the KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from .model import KVCache, Qwen2ForCausalLM
+
+
+def _cache_dtype(model: Qwen2ForCausalLM, device: torch.device) -> torch.dtype:
+    # under autocast the projections emit the autocast dtype, so the cache stores that
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model.lm_head.weight.dtype
+
+
+@torch.no_grad()
+def generate(
+    model: Qwen2ForCausalLM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding of `max_new_tokens` tokens for a left-padded batch.
+
+    input_ids, attention_mask: (B, T), padding on the left with mask 0.
+    Returns (tokens (B, N), logits (B, N, V) in fp32): logits[:, i] is the distribution that
+    tokens[:, i] was taken from. N = max_new_tokens, unless `eos_token_id` is given and every
+    row has produced it (rows that finished earlier are filled with eos from then on).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    B, T = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = attention_mask.new_ones(B, T + max_new_tokens)
+    mask[:, :T] = attention_mask
+    cache = KVCache(model.cfg, B, T + max_new_tokens, _cache_dtype(model, device), device)
+    tokens = input_ids.new_zeros(B, max_new_tokens)
+    logits = torch.empty(B, max_new_tokens, model.cfg.vocab_size, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    for i in range(max_new_tokens):
+        if i == 0:  # prefill: the whole prompt, logits of its last position only
+            step_logits = model(input_ids, mask[:, :T], cache, last_only=True)[:, -1]  # (B, V)
+        else:  # decode: one token against the cache
+            step_logits = model(tokens[:, i - 1 : i], mask[:, : T + i], cache, last_only=True)[:, -1]
+        logits[:, i] = step_logits.float()
+        next_token = step_logits.argmax(-1)  # (B,)
+        if eos_token_id is not None:
+            next_token = next_token.masked_fill(done, eos_token_id)
+            done |= next_token == eos_token_id
+        tokens[:, i] = next_token
+        if eos_token_id is not None and bool(done.all()):
+            break
+    return tokens[:, : i + 1], logits[:, : i + 1]

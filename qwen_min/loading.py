@@ -1,0 +1,135 @@
+"""Load a Hugging Face Qwen2 checkpoint (config.json + safetensors) into qwen_min's model.
+
+The model's module names are the checkpoint keys, so loading is: build the model on the
+meta device (no random init), read every tensor once, check the key set and every shape,
+then assign the tensors in place of the meta parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
+
+from .model import Qwen2Config, Qwen2ForCausalLM
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+# what a snapshot download fetches: the weights, the config and the tokenizer, nothing else
+SNAPSHOT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found, downloaded or loaded; the message says what to do."""
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A local directory as it is, or a hub repo id downloaded with huggingface_hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(
+            f"{name}: not a checkpoint directory (expected a folder with config.json and "
+            "*.safetensors) and not a hub repo id of the form 'owner/name'"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=SNAPSHOT_FILES))
+    except Exception as e:  # network, auth, unknown repo: all end the same way for the user
+        raise CheckpointError(
+            f"could not download '{name}' from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no details'}). "
+            "Point at a local copy instead: --model /path/to/folder (a folder with config.json, "
+            "*.safetensors and tokenizer.json, e.g. from `huggingface-cli download "
+            f"{name}` on a machine with network), or run `make demo` for an offline tiny model."
+        ) from None
+
+
+def load_config(ckpt: Path) -> Qwen2Config:
+    path = ckpt / "config.json"
+    try:
+        return Qwen2Config.from_dict(json.loads(path.read_text()), source=str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; a checkpoint folder needs config.json") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _weight_files(ckpt: Path) -> list[Path]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: expected JSON with a 'weight_map' ({e})") from None
+        return [ckpt / f for f in sorted(set(weight_map.values()))]
+    files = sorted(ckpt.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{ckpt}: no *.safetensors weights found")
+    return files
+
+
+def read_state_dict(ckpt: Path, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Every tensor of a single-file or sharded checkpoint; a key found twice is an error."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(ckpt):
+        if not file.exists():
+            raise CheckpointError(f"{file}: listed in the index but missing")
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if key in tensors:
+                        raise CheckpointError(f"{file}: tensor '{key}' appears in two files")
+                    tensors[key] = f.get_tensor(key).to(dtype)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{file}: unreadable safetensors file, truncated or corrupt ({e}); "
+                "download it again"
+            ) from None
+    return tensors
+
+
+def load_model(
+    name_or_path: str | Path = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Qwen2ForCausalLM:
+    """Build Qwen2ForCausalLM from a local folder or hub repo id, with strict key/shape checks."""
+    ckpt = resolve_checkpoint(name_or_path)
+    cfg = load_config(ckpt)
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(cfg)
+    expected = dict(model.named_parameters())  # shared (tied) parameters are listed once
+    tensors = read_state_dict(ckpt, dtype, device)
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # tied: the head is the embedding
+    for key, param in expected.items():
+        if key not in tensors:
+            raise CheckpointError(f"{ckpt}: tensor '{key}' is missing from the checkpoint")
+        if tensors[key].shape != param.shape:
+            raise CheckpointError(
+                f"{ckpt}: tensor '{key}' has shape {tuple(tensors[key].shape)}, "
+                f"the config implies {tuple(param.shape)}"
+            )
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{ckpt}: unexpected tensor(s) {unexpected[:5]} (not a Qwen2 model?)")
+    model.load_state_dict(tensors, strict=False, assign=True)  # checked above, key by key
+    model.tie_weights()
+    return model.eval()
+
+
+def load_tokenizer(name_or_path: str | Path = DEFAULT_MODEL) -> Tokenizer:
+    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` (no transformers needed)."""
+    path = resolve_checkpoint(name_or_path) / "tokenizer.json"
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing; the checkpoint folder needs tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a valid tokenizer.json ({e})") from None
