@@ -36,14 +36,18 @@ def hf_checkpoint(tmp_path_factory, tokenizer_json):
     """Factory: (transformers model in fp32 eval mode, folder it was saved to)."""
     import transformers
 
-    def make(seed: int = 0, save_kwargs: dict | None = None, **overrides):
+    def make(seed: int = 0, std: float = 0.15, save_kwargs: dict | None = None, **overrides):
         cfg = transformers.Qwen2Config(**(TINY_HF | overrides))
         torch.manual_seed(seed)
         model = transformers.Qwen2ForCausalLM(cfg).eval()
-        with torch.no_grad():  # random, non-zero biases so a bias bug cannot hide
+        # weights larger than transformers' 0.02 init, random biases and norm gains: attention
+        # is then far from uniform, so a RoPE, mask or bias bug moves the logits visibly
+        with torch.no_grad():
             for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.normal_(0.0, 0.1)
+                if name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
+                else:
+                    p.normal_(0.0, std if p.ndim == 2 else 0.1)
         path = tmp_path_factory.mktemp("ckpt")
         model.save_pretrained(path, **(save_kwargs or {}))
         shutil.copy(tokenizer_json, path / "tokenizer.json")
