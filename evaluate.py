@@ -1,0 +1,300 @@
+"""Forecast evaluation: greedy LLMTIME forecasts of held-out Lotka–Volterra series.
+
+    python evaluate.py --out runs/eval-base                               # the untrained model
+    python evaluate.py --adapter runs/final/adapter --out runs/eval-final # a trained adapter
+    python evaluate.py --compare runs/eval-base runs/eval-final --out runs/compare
+
+Each series' first 70% of time steps is the prompt (ending in ';'); the model greedily
+writes the next --forecast-steps steps, batched with the KV cache. Written to --out:
+metrics.json, per_series.csv, forecasts.npz, trajectories.png and horizon.png; the counted
+FLOPs go to the ledger.
+
+Scores. MSE/MAE are over the steps that parsed (a step is two numbers); steps the model
+garbled or never wrote count in `parse_failure_rate` instead. "Scaled" is in LLMTIME units
+(value / α, what the coursework reports), "original" in the data's own units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import data
+import flops
+import numpy as np
+import torch
+from lora import load_adapter
+from tqdm import tqdm
+
+from qwen_min import CheckpointError, count_flops, generate, load_model, load_tokenizer
+from qwen_min.loading import DEFAULT_MODEL
+from qwen_min.model import cross_entropy
+from qwen_min.runtime import (
+    atomic_write_bytes,
+    atomic_write_text,
+    autocast,
+    pick_device,
+    pick_dtype,
+)
+
+DEFAULTS = dict(
+    model=DEFAULT_MODEL,
+    adapter=None,
+    data="data/lotka_volterra_data.h5",
+    split="val",
+    split_seed=42,
+    decimals=2,
+    limit=None,
+    forecast_steps=10,
+    context_fraction=0.7,
+    batch_size=16,
+    dtype="auto",
+    device="auto",
+    out="runs/eval",
+    ledger="runs/ledger.jsonl",
+    plot_series=4,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", help="hub repo id or local checkpoint folder")
+    p.add_argument("--adapter", help="a LoRA adapter folder written by train.py (optional)")
+    p.add_argument("--data", help="HDF5 file with /trajectories and /time")
+    p.add_argument("--split", choices=["val", "test"])
+    p.add_argument("--split-seed", type=int)
+    p.add_argument("--decimals", type=int, help="without --adapter (with one, its metadata rules)")
+    p.add_argument("--limit", type=int, help="evaluate the first N series of the split (default all)")
+    p.add_argument("--forecast-steps", type=int, help="time steps to forecast (10 steps = 100 tokens)")
+    p.add_argument("--context-fraction", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--device")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--ledger", help="JSONL FLOP ledger")
+    p.add_argument("--plot-series", type=int, help="series drawn in trajectories.png")
+    p.add_argument("--compare", nargs="+", metavar="EVAL_DIR",
+                   help="only draw a comparison of finished evaluations (their metrics.json)")
+    p.set_defaults(**DEFAULTS)
+    return p.parse_args(argv)
+
+
+def left_pad(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(t) for t in token_lists)
+    ids = torch.full((len(token_lists), T), data.PAD_ID, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, t in enumerate(token_lists):
+        ids[i, T - len(t):], mask[i, T - len(t):] = torch.tensor(t), 1
+    return ids, mask
+
+
+@torch.no_grad()
+def teacher_forced_ce(model, prompts, targets, device, dtype) -> list[float]:
+    """Per-series mean cross-entropy of the true target tokens given the true prefix. The LM
+    head runs only where a target token is predicted (not over the whole prompt)."""
+    ids, mask = left_pad([p + t for p, t in zip(prompts, targets)])
+    ids, mask = ids.to(device), mask.to(device)
+    with autocast(device, dtype):
+        h = model.hidden_states(ids, mask)  # (B, T, d)
+        out = []
+        for i, t in enumerate(targets):
+            # position j predicts token j+1: the last len(t) tokens are predicted from the
+            # len(t) positions just before them
+            logits = model.lm_head(h[i, -len(t) - 1 : -1])  # (len(t), V)
+            out.append(cross_entropy(logits, torch.tensor(t, device=device)).item())
+    return out
+
+
+def generation_ce(step_logits: torch.Tensor, target: list[int]) -> float:
+    """Cross-entropy of the generation's own per-step scores against the true tokens (the
+    coursework's validation loss); compared over the shorter of the two sequences."""
+    n = min(len(target), step_logits.shape[0])
+    return cross_entropy(step_logits[:n], torch.tensor(target[:n], device=step_logits.device)).item()
+
+
+def forecast_values(text: str, scaler, steps: int) -> tuple[np.ndarray, int]:
+    """The first `steps` forecast steps (NaN where missing/invalid) and the failure count."""
+    values, _ = scaler.decode(text)  # invalid steps are NaN rows, in place
+    out = np.full((steps, 2), np.nan)
+    n = min(steps, len(values))
+    out[:n] = values[:n]
+    return out, int(np.isnan(out).any(axis=1).sum())
+
+
+def mean_or_nan(x: np.ndarray) -> float:
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def plot(out: Path, name: str, fig) -> None:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(out / name, buf.getvalue())
+
+
+def plot_trajectories(out, series, time, context_steps, forecasts, rows, title):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.6 * len(rows)), squeeze=False)
+    for ax_row, i in zip(axes, rows):
+        for v, (ax, name) in enumerate(zip(ax_row, ("prey", "predator"))):
+            n = forecasts.shape[1]
+            ax.plot(time[:context_steps], series[i, :context_steps, v], "k-", lw=1, label="context")
+            ax.plot(time[context_steps:], series[i, context_steps:, v], "k:", lw=1, label="truth")
+            ax.plot(time[context_steps : context_steps + n], forecasts[i, :, v], "r.-",
+                    label="forecast")
+            ax.set_title(f"series {i}: {name}", fontsize=9)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    plot(out, "trajectories.png", fig)
+    plt.close(fig)
+
+
+def plot_horizon(out, curves: dict[str, list[float]], ylabel: str, name: str):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, y in curves.items():
+        ax.plot(np.arange(1, len(y) + 1), y, "o-", label=label)
+    ax.set(xlabel="forecast horizon (time steps)", ylabel=ylabel, yscale="log")
+    ax.legend(fontsize=8)
+    plot(out, name, fig)
+    plt.close(fig)
+
+
+def compare(dirs: list[str], out: Path) -> int:
+    """Side-by-side figure and table of finished evaluations."""
+    runs = {}
+    for d in dirs:
+        path = Path(d) / "metrics.json"
+        if not path.exists():
+            print(f"error: {path} not found; run evaluate.py --out {d} first", file=sys.stderr)
+            return 2
+        runs[d] = json.loads(path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    plot_horizon(out, {d: m["mse_scaled_by_horizon"] for d, m in runs.items()},
+                 "MSE (scaled units)", "compare_horizon.png")
+    keys = ["n_series", "mse_scaled", "mae_scaled", "mse", "mae", "teacher_forced_ce",
+            "generation_ce", "parse_failure_rate"]
+    lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {d} | " + " | ".join(f"{m[k]:.4g}" for k in keys) + " |" for d, m in runs.items()]
+    atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv=None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    args = parse_args(argv)
+    out = Path(args.out)
+    if args.compare:
+        return compare(args.compare, out)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    try:
+        model = load_model(args.model, dtype=torch.float32, device=device)
+        tokenizer = load_tokenizer(args.model)
+        trajectories, time = data.load_trajectories(args.data)
+    except (CheckpointError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    split = data.split_indices(len(trajectories), seed=args.split_seed)
+    if args.adapter:
+        metadata = load_adapter(model, args.adapter)
+        if "scaler" not in metadata:
+            print(f"error: {args.adapter}/qwen_min.json has no 'scaler' (α, decimals); was the "
+                  "adapter written by train.py?", file=sys.stderr)
+            return 2
+        scaler = data.LLMTimeScaler.from_dict(metadata["scaler"])
+    else:  # the untrained model: α fitted on the training split, exactly as training does
+        scaler = data.LLMTimeScaler.fit(trajectories[split["train"]], decimals=args.decimals)
+    model.to(device).eval()
+    indices = split[args.split][: args.limit]
+    series = trajectories[indices]
+    context_steps = int(round(args.context_fraction * series.shape[1]))
+    if context_steps + args.forecast_steps > series.shape[1]:
+        print(f"error: --forecast-steps {args.forecast_steps} runs past the series "
+              f"({series.shape[1]} steps, {context_steps} of them context)", file=sys.stderr)
+        return 2
+
+    prompts, targets, truths = [], [], []
+    for s in series:
+        prompt, target, truth = data.forecast_split(
+            s, scaler, args.context_fraction, args.forecast_steps)
+        prompts.append(data.tokenize(tokenizer, prompt))
+        targets.append(data.tokenize(tokenizer, target))
+        truths.append(truth)
+    # a step is 2 numbers of (integer digits + '.' + decimals) plus ',' and ';'
+    new_tokens = args.forecast_steps * (2 * (args.decimals + 2) + 2)
+    forecasts = np.full((len(series), args.forecast_steps, 2), np.nan)
+    texts, tf_ce, gen_ce, failures = [], [], [], []
+    with count_flops() as counter:
+        for b in tqdm(range(0, len(series), args.batch_size), desc=f"eval {args.split}",
+                      unit="batch", dynamic_ncols=True):
+            sl = slice(b, b + args.batch_size)
+            ids, mask = left_pad(prompts[sl])
+            with autocast(device, dtype):
+                tokens, step_logits = generate(model, ids.to(device), new_tokens, mask.to(device))
+            for j, row in enumerate(tokens.tolist()):
+                text = tokenizer.decode(row)
+                values, bad = forecast_values(text, scaler, args.forecast_steps)
+                forecasts[b + j], texts[len(texts):] = values, [text]
+                failures.append(bad)
+                gen_ce.append(generation_ce(step_logits[j], targets[b + j]))
+            tf_ce += teacher_forced_ce(model, prompts[sl], targets[sl], device, dtype)
+    truths = np.stack(truths)
+    err_scaled = (forecasts - truths) / scaler.alpha  # (N, steps, 2)
+    sq, ab = err_scaled**2, np.abs(err_scaled)
+    metrics = {
+        "n_series": len(series),
+        "split": args.split,
+        "model": args.model,
+        "adapter": args.adapter,
+        "forecast_steps": args.forecast_steps,
+        "context_steps": context_steps,
+        "alpha": scaler.alpha,
+        "decimals": scaler.decimals,
+        "mse_scaled": mean_or_nan(sq),
+        "mae_scaled": mean_or_nan(ab),
+        "mse": mean_or_nan(sq * scaler.alpha**2),
+        "mae": mean_or_nan(ab * scaler.alpha),
+        "mse_scaled_by_horizon": [mean_or_nan(sq[:, h]) for h in range(args.forecast_steps)],
+        "mae_scaled_by_horizon": [mean_or_nan(ab[:, h]) for h in range(args.forecast_steps)],
+        "teacher_forced_ce": float(np.mean(tf_ce)),
+        "generation_ce": float(np.mean(gen_ce)),
+        "parse_failure_rate": float(np.sum(failures)) / (len(series) * args.forecast_steps),
+        "flops": counter.total,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["series", "mse_scaled", "mae_scaled", "teacher_forced_ce", "generation_ce",
+                "failed_steps", "forecast_text"])
+    for k, i in enumerate(indices):
+        w.writerow([int(i), mean_or_nan(sq[k]), mean_or_nan(ab[k]), tf_ce[k], gen_ce[k],
+                    failures[k], texts[k]])
+    atomic_write_text(out / "per_series.csv", buf.getvalue())
+    npz = io.BytesIO()
+    np.savez(npz, indices=indices, forecasts=forecasts, truths=truths)
+    atomic_write_bytes(out / "forecasts.npz", npz.getvalue())
+    title = f"{args.model}" + (f" + {args.adapter}" if args.adapter else " (no adapter)")
+    rows = list(range(min(args.plot_series, len(series))))
+    plot_trajectories(out, series, time, context_steps, forecasts, rows, title)
+    plot_horizon(out, {"MSE": metrics["mse_scaled_by_horizon"],
+                       "MAE": metrics["mae_scaled_by_horizon"]}, "error (scaled units)",
+                 "horizon.png")
+    flops.append_ledger(args.ledger, {"kind": "eval", "name": str(out), "flops": counter.total,
+                                      "n_series": len(series), "split": args.split})
+    print(json.dumps({k: v for k, v in metrics.items() if not k.endswith("horizon")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
