@@ -156,7 +156,9 @@ class LoRALinear(Linear):
 
     W₀ and b keep their checkpoint keys; `lora_A`/`lora_B` are the only new tensors. A starts
     kaiming-uniform(a=√5) and B at zero (PEFT's init), so a fresh adapter changes nothing.
-    `merge()` folds ΔW = (alpha/r)·B·A into W₀ (in fp32), `unmerge()` takes it out again.
+    `merge()` folds ΔW = (alpha/r)·B·A into W₀ (in fp32) for fast inference; `unmerge()` puts
+    back the W₀ that merge set aside, because (W₀ + ΔW) − ΔW is not bit-exactly W₀ in floating
+    point. A and B are created in fp32 whatever the base dtype, so they can train in bf16 models.
     """
 
     def __init__(self, base: Linear, rank: int, alpha: float, dropout: float = 0.0):
@@ -165,27 +167,34 @@ class LoRALinear(Linear):
         self.flop_name = base.flop_name
         self.weight, self.bias = base.weight, base.bias  # the same Parameters, not copies
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        dev = base.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev))
+        fp32 = dict(device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **fp32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **fp32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
+        self.register_buffer("unmerged_weight", None, persistent=False)  # W₀ while merged
+        self.train(base.training)
 
-    def delta_weight(self) -> torch.Tensor:  # (d_out, d_in), fp32
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+    @property
+    def merged(self) -> bool:
+        return self.unmerged_weight is not None
+
+    def delta_weight(self) -> torch.Tensor:  # (d_out, d_in), in fp32 or wider (fp64 models)
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
-            self.merged = True
+            self.unmerged_weight = self.weight.detach().clone()
+            delta = self.delta_weight()
+            self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
-            self.merged = False
+            self.weight.copy_(self.unmerged_weight)
+            self.unmerged_weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
