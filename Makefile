@@ -5,7 +5,7 @@ PY := .venv/bin/python
 # (CUDA on Linux) build from PyPI elsewhere. GPU users with their own torch: TORCH_SPEC=
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test
+.PHONY: setup test data
 setup:
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
@@ -15,3 +15,7 @@ setup:
 
 test:
 	$(PY) -m pytest -q
+
+# the default dataset (simulated; git-ignored). Your own file: --data PATH in train/evaluate
+data:
+	$(PY) data.py --out data/lotka_volterra_data.h5 --seed 0
