@@ -5,7 +5,7 @@ PY := .venv/bin/python
 # (CUDA on Linux) build from PyPI elsewhere. GPU users with their own torch: TORCH_SPEC=
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test data
+.PHONY: setup test data flops
 setup:
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
@@ -19,3 +19,7 @@ test:
 # the default dataset (simulated; git-ignored). Your own file: --data PATH in train/evaluate
 data:
 	$(PY) data.py --out data/lotka_volterra_data.h5 --seed 0
+
+# FLOPs per operation, per training step and for the experiment plan vs the 1e17 budget
+flops:
+	$(PY) flops.py

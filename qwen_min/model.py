@@ -145,6 +145,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
+        # (rows×d_in)(d_in×d_out): rows·d_out·(2·d_in − 1)
         add_matmul_flops(self.flop_name, 1, rows, self.in_features, self.out_features)
         if self.bias is not None:
             add_flops(self.flop_name + ".bias", rows * self.out_features)  # one add per output
@@ -204,9 +205,9 @@ class LoRALinear(Linear):
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             add_flops(name + "_dropout", rows * self.in_features)  # multiply by the scaled mask
         h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))  # (..., r)
-        add_matmul_flops(name + "_A", 1, rows, self.in_features, self.rank)
+        add_matmul_flops(name + "_A", 1, rows, self.in_features, self.rank)  # rows·r·(2·d_in − 1)
         h = F.linear(h, self.lora_B.to(x.dtype))  # (..., d_out)
-        add_matmul_flops(name + "_B", 1, rows, self.rank, self.out_features)
+        add_matmul_flops(name + "_B", 1, rows, self.rank, self.out_features)  # rows·d_out·(2r − 1)
         add_flops(name + "_scale", rows * self.out_features)  # · alpha/r
         add_flops(name + "_add", rows * self.out_features)  # + to the base output
         return y + h * self.scaling
@@ -287,6 +288,8 @@ class Qwen2Attention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: "KVCache | None", layer: int) -> torch.Tensor:
         cfg, (B, T, _) = self.cfg, x.shape
         hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        # k_proj/v_proj count at the width that runs (d → n_kv·hd); flops.py also gives the
+        # coursework's "GQA costs the same as MHA" figure (d → d)
         q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -294,10 +297,13 @@ class Qwen2Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hd), S = cached + T
         S = k.shape[2]
-        # every query head scores its own T×S block, the full square even where causal masks it
+        # every query head scores its own T×S block, the full square even where causal masks it;
+        # the mask selects (−inf where not allowed) and does no arithmetic
         add_matmul_flops("attn_scores", B * nh, T, hd, S)  # (T×hd)(hd×S) per head
-        add_flops("attn_scale", B * nh * T * S)  # · 1/√hd
-        add_flops("attn_softmax", B * nh * T * (12 * S - 1))  # S exp (10 each), S−1 adds, S divides
+        add_flops("attn_scale", B * nh * T * S)  # one divide by the constant √hd per score
+        # per row of S scores: S exp (10 each) + (S−1) adds + S divides = 12S − 1; subtracting
+        # the row max first (for stability) does not change the function and is not counted
+        add_flops("attn_softmax", B * nh * T * (12 * S - 1))
         add_matmul_flops("attn_v", B * nh, T, S, hd)  # (T×S)(S×hd) per head
         if self.eager:
             k = k.repeat_interleave(cfg.n_rep, dim=1)  # (B, nh, S, hd)

@@ -1,0 +1,531 @@
+"""FLOP accounting for qwen-min: the closed form, the experiment plan, the ledger, the budget.
+
+    python flops.py                      # breakdown, FLOPs per training step, the plan vs 1e17
+    python flops.py --ledger runs/ledger.jsonl   # what the runs so far have used
+    python flops.py --json               # the same, machine-readable
+
+The model counts its own FLOPs as it runs (`with flops.count() as c: model(x)`; the rules sit
+next to each op in qwen_min/model.py). `forward_flops` below is the same rules in closed form,
+and tests/test_flops.py proves the two agree to the FLOP across configs, batch sizes, lengths,
+LoRA, prefill, KV-cache decode steps and generation.
+
+Conventions (the coursework's rules; costs: add/sub/negate/multiply/divide 1, exp/log/sqrt 10):
+  * Matrix product (m×n)(n×p): m·p·(2n−1), i.e. n multiplies and n−1 adds per output. A
+    Linear's bias is one more add per output.
+  * GQA: the budget counts what runs. K/V projections are d → n_kv·hd (896 → 128) and RoPE
+    rotates the n_kv key heads. The coursework allows "GQA costs the same as MHA" (K/V d → d,
+    RoPE on all heads); `gqa="mha"` gives that figure, and the CLI prints both. Attention itself
+    is the same in both: each of the n_heads query heads scores against its (shared) keys.
+  * Causal attention is counted over the full T×S score matrix (S = cached + new positions),
+    masked entries included: they are computed, then masked. The mask is a selection: free.
+  * Softmax over S scores: S exp + (S−1) adds + S divides = 12S − 1 (no max-subtraction: it
+    is a numerical device that leaves the function unchanged). Scaling by 1/√hd: 1 per score.
+  * RMSNorm over d: d squares, d−1 adds, 1 divide (mean), 1 add (eps), sqrt 10, 1 inverse,
+    d multiplies by 1/rms, d by the gain = 4d + 12 per row.
+  * SwiGLU: silu(z) = z / (1 + e^(−z)) is negate + exp + add + divide = 13 per element, then one
+    multiply by up(x). RoPE: 2 multiplies + 1 add per element, plus a negate for half of each
+    head (rotate-half); the cos/sin tables are free (computing positional encodings is).
+  * Cross-entropy per predicted position: V exp + (V−1) adds + 1 log + 1 subtract = 11V + 10,
+    then the mean over rows = B·(T−1) (rows − 1 adds + 1 divide). Padding and −100 rows are
+    counted: they are computed, then ignored.
+  * The embedding is a lookup: 0. Padding tokens are counted everywhere: they are computed.
+  * Training step = 3 × forward (backward is exactly 2× forward), loss included.
+  * Generation (qwen_min.generate) of N tokens = one prefill forward over the prompt with the
+    LM head on the last position only, then N−1 one-token decode forwards against the KV cache.
+  * LoRA (unmerged) per adapted projection: x·Aᵀ, (·)·Bᵀ, ×alpha/r, + base output (and a
+    dropout multiply per input element while training with dropout). A merged adapter is free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qwen_min.model import Qwen2Config, count_flops
+from qwen_min.runtime import atomic_write_bytes
+
+count = count_flops  # `with flops.count() as c:` → c["lm_head"], c.total, ...
+
+BUDGET = 1e17
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+GQA_CONVENTIONS = ("real", "mha")
+
+
+# ----------------------------------------------------------------------------- closed form
+
+
+def matmul(m: int, n: int, p: int) -> int:
+    """(m×n)(n×p): m·p outputs, each n multiplies and n−1 adds."""
+    return m * p * (2 * n - 1)
+
+
+def projection_shapes(cfg: Qwen2Config, gqa: str = "real") -> dict[str, tuple[int, int, bool]]:
+    """name → (d_in, d_out, has_bias) for the seven projections of a layer."""
+    if gqa not in GQA_CONVENTIONS:
+        raise ValueError(
+            f"gqa must be 'real' (K/V at n_kv·head_dim) or 'mha' (K/V at d×d), got {gqa!r}"
+        )
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim if gqa == "real" else q
+    return {
+        "q_proj": (d, q, True),
+        "k_proj": (d, kv, True),
+        "v_proj": (d, kv, True),
+        "o_proj": (q, d, False),
+        "gate_proj": (d, f, False),
+        "up_proj": (d, f, False),
+        "down_proj": (f, d, False),
+    }
+
+
+def forward_flops(
+    cfg: Qwen2Config,
+    batch: int,
+    seq_len: int,
+    *,
+    past: int = 0,
+    lora_rank: int = 0,
+    lora_targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+    gqa: str = "real",
+    last_only: bool = False,
+    loss: bool = False,
+    lora_dropout: bool = False,
+) -> dict[str, int]:
+    """FLOPs of one forward pass, per operation (the names the model's hooks use).
+
+    batch × seq_len new tokens attend to `past` cached ones plus themselves (a KV-cache step
+    when past > 0). `last_only`: the LM head runs on the last position only (generation).
+    `loss`: add the cross-entropy of `Qwen2ForCausalLM.loss` (a full pass, no cache).
+    `lora_dropout`: LoRA dropout is active (training with dropout > 0).
+    """
+    for name, v, low in (
+        ("batch", batch, 1),
+        ("seq_len", seq_len, 1),
+        ("past", past, 0),
+        ("lora_rank", lora_rank, 0),
+    ):
+        if not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an integer ≥ {low}, got {v!r}")
+    if loss and (past or last_only):
+        raise ValueError(
+            "loss=True is a full pass (Qwen2ForCausalLM.loss): past=0, last_only=False"
+        )
+    shapes = projection_shapes(cfg, gqa)
+    unknown = set(lora_targets) - set(PROJECTIONS)
+    if lora_rank and unknown:
+        raise ValueError(
+            f"lora_targets {sorted(unknown)} are not projections; choose from {PROJECTIONS}"
+        )
+
+    L, d, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    nh, hd, f = cfg.num_attention_heads, cfg.head_dim, cfg.intermediate_size
+    T, S, rows = seq_len, past + seq_len, batch * seq_len
+    out: dict[str, int] = {}
+
+    def add(name: str, n: int) -> None:
+        out[name] = out.get(name, 0) + n
+
+    def linear(name: str) -> None:  # one projection in each of the L layers
+        d_in, d_out, bias = shapes[name]
+        add(name, L * matmul(rows, d_in, d_out))
+        if bias:
+            add(name + ".bias", L * rows * d_out)
+        if lora_rank and name in lora_targets:
+            if lora_dropout:
+                add(name + ".lora_dropout", L * rows * d_in)
+            add(name + ".lora_A", L * matmul(rows, d_in, lora_rank))
+            add(name + ".lora_B", L * matmul(rows, lora_rank, d_out))
+            add(name + ".lora_scale", L * rows * d_out)
+            add(name + ".lora_add", L * rows * d_out)
+
+    add("embedding", 0)
+    add("rmsnorm", L * 2 * rows * (4 * d + 12))  # input_layernorm + post_attention_layernorm
+    for name in ("q_proj", "k_proj", "v_proj"):
+        linear(name)
+    for d_out in (shapes["q_proj"][1], shapes["k_proj"][1]):  # RoPE on queries, then keys
+        add("rope", L * rows * d_out * 3 + L * rows * d_out // 2)
+    add("attn_scores", L * batch * nh * matmul(T, hd, S))
+    add("attn_scale", L * batch * nh * T * S)
+    add("attn_softmax", L * batch * nh * T * (12 * S - 1))
+    add("attn_v", L * batch * nh * matmul(T, S, hd))
+    linear("o_proj")
+    linear("gate_proj")
+    linear("up_proj")
+    add("silu", L * 13 * rows * f)
+    add("swiglu_mul", L * rows * f)
+    linear("down_proj")
+    add("residual", L * 2 * rows * d)
+    add("final_norm", rows * (4 * d + 12))  # on every position, also when last_only
+    add("lm_head", matmul(batch if last_only else rows, d, V))
+    if loss:
+        loss_rows = batch * (T - 1)
+        add("loss", loss_rows * (11 * V + 10) + loss_rows)
+    return out
+
+
+def matmul_subtotal(breakdown: dict[str, int]) -> int:
+    """The matrix-product part of a breakdown (what torch's FlopCounterMode also sees)."""
+    names = {*PROJECTIONS, "attn_scores", "attn_v", "lm_head"}
+    return sum(v for k, v in breakdown.items() if k in names or k.endswith((".lora_A", ".lora_B")))
+
+
+def train_step_flops(
+    cfg: Qwen2Config,
+    batch: int,
+    seq_len: int,
+    lora_rank: int = 0,
+    lora_targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+    gqa: str = "real",
+    lora_dropout: bool = False,
+) -> int:
+    """One optimizer step: 3 × (forward + loss); backward counts exactly 2× forward."""
+    return 3 * teacher_forced_flops(cfg, batch, seq_len, lora_rank, lora_targets, gqa, lora_dropout)
+
+
+def teacher_forced_flops(
+    cfg: Qwen2Config,
+    batch: int,
+    seq_len: int,
+    lora_rank: int = 0,
+    lora_targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+    gqa: str = "real",
+    lora_dropout: bool = False,
+) -> int:
+    """One forward with the loss, no backward (a validation / teacher-forced pass)."""
+    fwd = forward_flops(
+        cfg,
+        batch,
+        seq_len,
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
+        gqa=gqa,
+        loss=True,
+        lora_dropout=lora_dropout,
+    )
+    return sum(fwd.values())
+
+
+def generation_flops(
+    cfg: Qwen2Config,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    lora_rank: int = 0,
+    lora_targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+    gqa: str = "real",
+) -> int:
+    """`qwen_min.generate` of `new_tokens` tokens (no early EOS stop): the prefill over the
+    prompt, then new_tokens − 1 decode steps, step i attending to prompt_len + i positions."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be ≥ 1, got {new_tokens}")
+    kw = dict(lora_rank=lora_rank, lora_targets=lora_targets, gqa=gqa, last_only=True)
+    total = sum(forward_flops(cfg, batch, prompt_len, **kw).values())
+    for past in range(prompt_len, prompt_len + new_tokens - 1):
+        total += sum(forward_flops(cfg, batch, 1, past=past, **kw).values())
+    return total
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the plan, and how often its adapter is evaluated."""
+
+    stage: str
+    steps: int
+    seq_len: int
+    rank: int
+    lr: float | None = None  # None: chosen from the grid
+    batch: int = 4
+    evaluations: int = 1
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation: every series generated with the KV cache (batching does not change it)."""
+
+    series: int = 150
+    prompt_len: int = 700
+    new_tokens: int = 100
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: tuple[Run, ...]
+    evaluation: Evaluation = Evaluation()
+
+
+# The published plan. The context study and the final run use the grid's best rank, unknown
+# in advance: the largest, 8, bounds them from above. "baseline" evaluates the untrained model.
+DEFAULT_PLAN = Plan(
+    runs=(
+        Run("baseline", steps=0, seq_len=0, rank=0),
+        Run("trial", steps=500, seq_len=512, rank=4, lr=1e-5),
+        *(Run("grid", 1000, 512, rank=r, lr=lr) for lr in (1e-5, 5e-5, 1e-4) for r in (2, 4, 8)),
+        *(Run("context", 1000, ctx, rank=8) for ctx in (128, 512, 768)),
+        Run("final", steps=3000, seq_len=768, rank=8),
+    )
+)
+
+
+def plan_flops(
+    plan: Plan = DEFAULT_PLAN,
+    cfg: Qwen2Config | None = None,
+    gqa: str = "real",
+    budget: float = BUDGET,
+    lora_targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+) -> dict:
+    """Training + evaluation FLOPs of every run, the total, its share of the budget, and
+    whether it fits. cfg defaults to Qwen2.5-0.5B."""
+    cfg = cfg or Qwen2Config()
+    ev = plan.evaluation
+    per_eval: dict[int, int] = {}  # rank → FLOPs of one evaluation
+    runs = []
+    for run in plan.runs:
+        train = (
+            run.steps * train_step_flops(cfg, run.batch, run.seq_len, run.rank, lora_targets, gqa)
+            if run.steps
+            else 0
+        )
+        if run.rank not in per_eval:
+            per_eval[run.rank] = ev.series * generation_flops(
+                cfg, 1, ev.prompt_len, ev.new_tokens, run.rank, lora_targets, gqa
+            )
+        evaluation = run.evaluations * per_eval[run.rank]
+        runs.append(asdict(run) | {"train_flops": train, "eval_flops": evaluation})
+    train_total = sum(r["train_flops"] for r in runs)
+    eval_total = sum(r["eval_flops"] for r in runs)
+    total = train_total + eval_total
+    return {
+        "gqa": gqa,
+        "runs": runs,
+        "evaluation": asdict(ev),
+        "train_flops": train_total,
+        "eval_flops": eval_total,
+        "total": total,
+        "budget": budget,
+        "share": total / budget,
+        "fits": total <= budget,
+    }
+
+
+# ----------------------------------------------------------------------------- ledger
+
+
+class LedgerError(ValueError):
+    """A ledger line that is not a valid record."""
+
+
+class BudgetError(RuntimeError):
+    """A planned run would take the ledger past the FLOP budget."""
+
+
+def _check_record(record: object, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise LedgerError(
+            f"{where}: expected a JSON object (a record), got {type(record).__name__}"
+        )
+    for key in ("kind", "name"):
+        if not isinstance(record.get(key), str):
+            raise LedgerError(f"{where}: field {key!r} must be a string, got {record.get(key)!r}")
+    n = record.get("flops")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise LedgerError(
+            f"{where}: field 'flops' must be a non-negative integer (counted FLOPs), got {n!r}"
+        )
+    return record
+
+
+def append_ledger(path: str | Path, record: dict) -> None:
+    """Append one record {kind, name, flops, ...} (+ timestamp, UTC) as a JSON line, atomically:
+    the old lines and the new one go to a temp file that then replaces the ledger. One writer at
+    a time: two processes appending at the same moment could lose one record."""
+    record = _check_record(dict(record), f"ledger record for {path}")
+    record.setdefault("timestamp", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    path = Path(path)
+    old = path.read_bytes() if path.exists() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    atomic_write_bytes(path, old + (json.dumps(record) + "\n").encode())
+
+
+def read_ledger(path: str | Path) -> list[dict]:
+    """All records of a ledger ([] if it does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {i}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LedgerError(
+                f"{where}: not valid JSON ({e.msg}, column {e.colno}); each line must be one "
+                'record like {"kind": "train", "name": ..., "flops": ..., "timestamp": ...}. '
+                "Repair or delete that line; the other lines are kept as they are."
+            ) from None
+        records.append(_check_record(record, where))
+    return records
+
+
+def ledger_total(path: str | Path) -> int:
+    """FLOPs recorded so far (0 if the ledger does not exist yet)."""
+    return sum(r["flops"] for r in read_ledger(path))
+
+
+def check_budget(
+    ledger_path: str | Path, planned: int, budget: float = BUDGET, force: bool = False
+) -> None:
+    """Raise BudgetError if the ledger's total plus `planned` exceeds `budget` (unless force)."""
+    used = ledger_total(ledger_path)
+    if force or used + planned <= budget:
+        return
+    raise BudgetError(
+        f"this run plans {planned:.3e} FLOPs, but {ledger_path} already records {used:.3e} "
+        f"of the {budget:.3e} budget ({max(budget - used, 0):.3e} left): it would overrun by "
+        f"{used + planned - budget:.3e}. Plan fewer steps or a shorter context, or pass --force "
+        "to run anyway."
+    )
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def report(batch: int, seq_len: int, lora_rank: int, ledger: str | None) -> dict:
+    cfg = Qwen2Config()
+    lora = dict(lora_rank=lora_rank, lora_targets=DEFAULT_TARGETS)
+    forward = {
+        g: forward_flops(cfg, batch, seq_len, gqa=g, loss=True, **lora) for g in GQA_CONVENTIONS
+    }
+    steps = {
+        ctx: {
+            g: train_step_flops(cfg, batch, ctx, lora_rank, DEFAULT_TARGETS, g)
+            for g in GQA_CONVENTIONS
+        }
+        for ctx in (128, 512, 768)
+    }
+    out = {
+        "model": "Qwen2.5-0.5B",
+        "config": asdict(cfg),
+        "batch": batch,
+        "seq_len": seq_len,
+        "lora_rank": lora_rank,
+        "lora_targets": list(DEFAULT_TARGETS),
+        "budget_convention": "real",
+        "forward": forward,
+        "forward_total": {g: sum(forward[g].values()) for g in GQA_CONVENTIONS},
+        "train_step": {str(ctx): v for ctx, v in steps.items()},
+        "plan": {g: plan_flops(DEFAULT_PLAN, cfg, g) for g in GQA_CONVENTIONS},
+    }
+    if ledger is not None:
+        records = read_ledger(ledger)
+        used = sum(r["flops"] for r in records)
+        by_kind: dict[str, int] = {}
+        for r in records:
+            by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + r["flops"]
+        out["ledger"] = {
+            "path": ledger,
+            "records": len(records),
+            "by_kind": by_kind,
+            "used": used,
+            "budget": BUDGET,
+            "left": BUDGET - used,
+            "share": used / BUDGET,
+        }
+    return out
+
+
+def print_report(r: dict) -> None:
+    real, mha = r["forward"]["real"], r["forward"]["mha"]
+    tot_r, tot_m = r["forward_total"]["real"], r["forward_total"]["mha"]
+    lora = (
+        f", LoRA rank {r['lora_rank']} on {'+'.join(r['lora_targets'])}" if r["lora_rank"] else ""
+    )
+    print(
+        f"One forward pass of Qwen2.5-0.5B, batch {r['batch']}, context {r['seq_len']}, with the "
+        f"loss{lora}.\nK/V at their real width (what runs; the budget uses this) and as MHA "
+        "(the coursework's allowance):\n"
+    )
+    print(f"{'operation':<22}{'real GQA':>14}{'%':>8}{'as MHA':>14}{'%':>8}")
+    for name in mha:
+        a = real.get(name, 0)
+        print(
+            f"{name:<22}{a:>14.4e}{100 * a / tot_r:>7.2f}%{mha[name]:>14.4e}"
+            f"{100 * mha[name] / tot_m:>7.2f}%"
+        )
+    print(f"{'total':<22}{tot_r:>14.4e}{100:>7.2f}%{tot_m:>14.4e}{100:>7.2f}%\n")
+
+    print(f"Training FLOPs per step (3 × forward with loss), batch {r['batch']}{lora}:")
+    print(f"{'context':>8}{'real GQA':>14}{'as MHA':>14}")
+    for ctx, v in r["train_step"].items():
+        print(f"{ctx:>8}{v['real']:>14.4e}{v['mha']:>14.4e}")
+
+    plan, plan_mha = r["plan"]["real"], r["plan"]["mha"]
+    ev = plan["evaluation"]
+    print(
+        f"\nExperiment plan (real GQA; each evaluation: {ev['series']} series × "
+        f"{ev['prompt_len']}-token prefill + {ev['new_tokens']} generated tokens):"
+    )
+    print(
+        f"{'stage':<10}{'runs':>5}{'steps':>7}{'context':>13}{'rank':>7}{'training':>12}{'evaluation':>12}"
+    )
+    stages: dict[str, list[dict]] = {}
+    for run in plan["runs"]:
+        stages.setdefault(run["stage"], []).append(run)
+    for stage, runs in stages.items():
+        ctxs = "/".join(dict.fromkeys(str(x["seq_len"]) for x in runs))
+        ranks = "/".join(dict.fromkeys(str(x["rank"]) for x in runs))
+        print(
+            f"{stage:<10}{len(runs):>5}{runs[0]['steps']:>7}{ctxs:>13}{ranks:>7}"
+            f"{sum(x['train_flops'] for x in runs):>12.3e}"
+            f"{sum(x['eval_flops'] for x in runs):>12.3e}"
+        )
+    for g, name, p in (("real", "real GQA", plan), ("mha", "as MHA", plan_mha)):
+        over = p["total"] - p["budget"]
+        steps = over / r["train_step"]["512"][g]
+        verdict = (
+            "fits" if p["fits"] else f"does NOT fit: over by {over:.3e} ≈ {steps:.0f} steps at 512"
+        )
+        print(
+            f"total ({name}): {p['total']:.4e} = {100 * p['share']:.1f}% of the "
+            f"{p['budget']:.0e} budget: {verdict}"
+        )
+    if "ledger" in r:
+        lg = r["ledger"]
+        print(
+            f"\nLedger {lg['path']}: {lg['records']} records, {lg['used']:.4e} FLOPs used = "
+            f"{100 * lg['share']:.2f}% of {lg['budget']:.0e}; {lg['left']:.4e} left"
+        )
+        for kind, n in lg["by_kind"].items():
+            print(f"  {kind:<10}{n:>14.4e}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lora-rank", type=int, default=4, help="LoRA rank on q_proj+v_proj (0: none)")
+    p.add_argument("--ledger", help="JSONL ledger to sum against the budget")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = p.parse_args(argv)
+    try:
+        r = report(args.batch, args.seq_len, args.lora_rank, args.ledger)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"flops.py: {e}") from None
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print_report(r)
+
+
+if __name__ == "__main__":
+    main()
