@@ -27,7 +27,7 @@ import data
 import flops
 import numpy as np
 import torch
-from lora import load_adapter
+from lora import AdapterError, load_adapter
 from tqdm import tqdm
 
 from qwen_min import CheckpointError, count_flops, generate, load_model, load_tokenizer
@@ -116,17 +116,9 @@ def generation_ce(step_logits: torch.Tensor, target: list[int]) -> float:
     return cross_entropy(step_logits[:n], torch.tensor(target[:n], device=step_logits.device)).item()
 
 
-def forecast_values(text: str, scaler, steps: int) -> tuple[np.ndarray, int]:
-    """The first `steps` forecast steps (NaN where missing/invalid) and the failure count."""
-    values, _ = scaler.decode(text)  # invalid steps are NaN rows, in place
-    out = np.full((steps, 2), np.nan)
-    n = min(steps, len(values))
-    out[:n] = values[:n]
-    return out, int(np.isnan(out).any(axis=1).sum())
-
-
-def mean_or_nan(x: np.ndarray) -> float:
-    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+def mean_or_none(x: np.ndarray) -> float | None:
+    """Mean over the parsed (finite) entries; None (JSON null) when nothing parsed."""
+    return float(np.nanmean(x)) if np.isfinite(x).any() else None
 
 
 def plot(out: Path, name: str, fig) -> None:
@@ -159,6 +151,7 @@ def plot_horizon(out, curves: dict[str, list[float]], ylabel: str, name: str):
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for label, y in curves.items():
+        y = [np.nan if v is None else v for v in y]
         ax.plot(np.arange(1, len(y) + 1), y, "o-", label=label)
     ax.set(xlabel="forecast horizon (time steps)", ylabel=ylabel, yscale="log")
     ax.legend(fontsize=8)
@@ -181,7 +174,8 @@ def compare(dirs: list[str], out: Path) -> int:
     keys = ["n_series", "mse_scaled", "mae_scaled", "mse", "mae", "teacher_forced_ce",
             "generation_ce", "parse_failure_rate"]
     lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines += [f"| {d} | " + " | ".join(f"{m[k]:.4g}" for k in keys) + " |" for d, m in runs.items()]
+    fmt = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
+    lines += [f"| {d} | " + " | ".join(fmt(m[k]) for k in keys) + " |" for d, m in runs.items()]
     atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
@@ -206,7 +200,11 @@ def main(argv=None) -> int:
         return 2
     split = data.split_indices(len(trajectories), seed=args.split_seed)
     if args.adapter:
-        metadata = load_adapter(model, args.adapter)
+        try:
+            metadata = load_adapter(model, args.adapter)
+        except AdapterError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if "scaler" not in metadata:
             print(f"error: {args.adapter}/qwen_min.json has no 'scaler' (α, decimals); was the "
                   "adapter written by train.py?", file=sys.stderr)
@@ -243,7 +241,7 @@ def main(argv=None) -> int:
                 tokens, step_logits = generate(model, ids.to(device), new_tokens, mask.to(device))
             for j, row in enumerate(tokens.tolist()):
                 text = tokenizer.decode(row)
-                values, bad = forecast_values(text, scaler, args.forecast_steps)
+                values, bad = scaler.decode(text, n_steps=args.forecast_steps)  # NaN rows: invalid
                 forecasts[b + j], texts[len(texts):] = values, [text]
                 failures.append(bad)
                 gen_ce.append(generation_ce(step_logits[j], targets[b + j]))
@@ -260,12 +258,12 @@ def main(argv=None) -> int:
         "context_steps": context_steps,
         "alpha": scaler.alpha,
         "decimals": scaler.decimals,
-        "mse_scaled": mean_or_nan(sq),
-        "mae_scaled": mean_or_nan(ab),
-        "mse": mean_or_nan(sq * scaler.alpha**2),
-        "mae": mean_or_nan(ab * scaler.alpha),
-        "mse_scaled_by_horizon": [mean_or_nan(sq[:, h]) for h in range(args.forecast_steps)],
-        "mae_scaled_by_horizon": [mean_or_nan(ab[:, h]) for h in range(args.forecast_steps)],
+        "mse_scaled": mean_or_none(sq),
+        "mae_scaled": mean_or_none(ab),
+        "mse": mean_or_none(sq * scaler.alpha**2),
+        "mae": mean_or_none(ab * scaler.alpha),
+        "mse_scaled_by_horizon": [mean_or_none(sq[:, h]) for h in range(args.forecast_steps)],
+        "mae_scaled_by_horizon": [mean_or_none(ab[:, h]) for h in range(args.forecast_steps)],
         "teacher_forced_ce": float(np.mean(tf_ce)),
         "generation_ce": float(np.mean(gen_ce)),
         "parse_failure_rate": float(np.sum(failures)) / (len(series) * args.forecast_steps),
@@ -278,7 +276,7 @@ def main(argv=None) -> int:
     w.writerow(["series", "mse_scaled", "mae_scaled", "teacher_forced_ce", "generation_ce",
                 "failed_steps", "forecast_text"])
     for k, i in enumerate(indices):
-        w.writerow([int(i), mean_or_nan(sq[k]), mean_or_nan(ab[k]), tf_ce[k], gen_ce[k],
+        w.writerow([int(i), mean_or_none(sq[k]), mean_or_none(ab[k]), tf_ce[k], gen_ce[k],
                     failures[k], texts[k]])
     atomic_write_text(out / "per_series.csv", buf.getvalue())
     npz = io.BytesIO()

@@ -243,14 +243,32 @@ def validation_loss(model, val: dict, batch_size: int, device, dtype) -> tuple[f
     return total / max(n, 1), c.total
 
 
+def train_step(model, optimizer, batch: dict, lr: float, device, dtype) -> tuple[float, int]:
+    """One Adam step on one batch; returns (loss, counted FLOPs)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with count_flops() as c, autocast(device, dtype):
+        loss = model.loss(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), 3 * c.total  # backward counts as exactly 2× the forward pass
+
+
 class StopFlag:
     """First Ctrl-C/SIGTERM: finish the current step, checkpoint, exit. Second: exit now
     (the previous checkpoint is untouched, because checkpoints are replaced atomically)."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         if self.requested:
@@ -318,47 +336,42 @@ def main(argv: list[str] | None = None) -> int:
           f"alpha={args.alpha:g} on {','.join(targets)} ({n_trainable:,} trainable), "
           f"{device} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, "
           f"planned {planned:.3g} FLOPs")
-    stop, session_flops, t0 = StopFlag(), 0, time.time()
-    step = start
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train",
-               dynamic_ncols=True)
-    for step in bar:
-        idx = torch.from_numpy(batch_indices(step, n_windows, B, args.seed))
-        batch = {k: v[idx].to(device) for k, v in train.items()}
-        lr = learning_rate(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with count_flops() as c, autocast(device, dtype):
-            loss = model.loss(batch["input_ids"], batch["labels"], batch["attention_mask"])
-        loss.backward()  # backward counts as exactly 2× forward: the step is 3 × c.total
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        session_flops += 3 * c.total
-        record = {"step": step + 1, "loss": loss.item(), "lr": lr,
-                  "flops": counted + session_flops, "seconds": round(time.time() - t0, 3)}
-        if args.eval_every and (step + 1) % args.eval_every == 0:
-            record["val_loss"], eval_flops = validation_loss(model, val, B, device, dtype)
-            session_flops += eval_flops
-            record["flops"] = counted + session_flops
-        append_jsonl(run / "metrics.jsonl", record)
-        used = used_before + session_flops
-        bar.set_postfix(loss=f"{record['loss']:.3f}",
-                        tok_s=f"{(step + 1 - start) * B * L / (time.time() - t0):.0f}",
-                        flops=f"{used:.2e}", budget=f"{100 * used / args.flops_budget:.2f}%")
-        last = step + 1 == args.steps
-        if last or stop.requested or (step + 1) % args.checkpoint_every == 0:
-            save_state(run, step + 1, model, optimizer, counted + session_flops)
-            save_adapter(model, run / "adapter", args.model, metadata | {"step": step + 1})
-        if stop.requested:
-            break
-    bar.close()
-    flops.append_ledger(args.ledger, {
-        "kind": "train", "name": str(run), "flops": session_flops,
-        "steps": [start, step + 1], "batch_size": B, "context_length": L, "rank": args.rank,
-        "targets": list(targets), "lr": args.lr,
-    })
+    session_flops, t0, done = 0, time.time(), start
+    try:
+        with StopFlag() as stop:
+            bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train",
+                       dynamic_ncols=True)
+            for step in bar:
+                idx = torch.from_numpy(batch_indices(step, n_windows, B, args.seed))
+                batch = {k: v[idx].to(device) for k, v in train.items()}
+                lr = learning_rate(step, args)
+                loss, step_flops = train_step(model, optimizer, batch, lr, device, dtype)
+                done, session_flops = step + 1, session_flops + step_flops
+                record = {"step": step + 1, "loss": loss, "lr": lr,
+                          "flops": counted + session_flops, "seconds": round(time.time() - t0, 3)}
+                if args.eval_every and (step + 1) % args.eval_every == 0:
+                    record["val_loss"], eval_flops = validation_loss(model, val, B, device, dtype)
+                    session_flops += eval_flops
+                    record["flops"] = counted + session_flops
+                append_jsonl(run / "metrics.jsonl", record)
+                used = used_before + session_flops
+                bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                tok_s=f"{(step + 1 - start) * B * L / (time.time() - t0):.0f}",
+                                flops=f"{used:.2e}", budget=f"{100 * used / args.flops_budget:.2f}%")
+                last = step + 1 == args.steps
+                if last or stop.requested or (step + 1) % args.checkpoint_every == 0:
+                    save_state(run, step + 1, model, optimizer, counted + session_flops)
+                    save_adapter(model, run / "adapter", args.model, metadata | {"step": step + 1})
+                if stop.requested:
+                    break
+            bar.close()
+    finally:  # whatever happened, the FLOPs spent are on the ledger
+        flops.append_ledger(args.ledger, {
+            "kind": "train", "name": str(run), "flops": session_flops, "steps": [start, done],
+            "batch_size": B, "context_length": L, "rank": args.rank, "targets": list(targets),
+            "lr": args.lr,
+        })
     plot_loss(run)
-    done = step + 1
     print(f"{run}: step {done}/{args.steps}, {session_flops:.3e} FLOPs counted this session "
           f"(run total {counted + session_flops:.3e}); adapter in {run / 'adapter'}")
     if stop.requested and done < args.steps:

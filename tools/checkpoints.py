@@ -64,12 +64,14 @@ def write_tiny_checkpoint(out_dir: str | Path, cfg: Qwen2Config = TINY, seed: in
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(cfg)
-    with torch.no_grad():  # transformers' init: N(0, 0.02) weights, zero biases, unit norms
+    # transformers' init (N(0, 0.02) weights, zero biases, unit norms), except the tied
+    # embedding: at 0.02 a 64-wide model's logits cannot leave ±1, so nothing could be learned
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.zero_()
             elif p.ndim == 2:
-                p.normal_(0.0, 0.02)
+                p.normal_(0.0, 0.15 if "embed_tokens" in name else 0.02)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = asdict(cfg) | {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],

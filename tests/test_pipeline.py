@@ -1,0 +1,123 @@
+"""train.py → evaluate.py → sweep.py end to end, on a tiny random checkpoint (real vocabulary)
+and a small simulated dataset. Slow-ish (the 151,936-word head dominates), but offline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate
+import flops
+import train
+from tools.checkpoints import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    ckpt = write_tiny_checkpoint(root / "tiny")
+    trajectories, time = data.simulate(n_systems=20, n_steps=30, seed=3)
+    h5 = data.write_h5(root / "lv.h5", trajectories, time)
+    return root, ckpt, h5
+
+
+def train_args(setup, out, *extra):
+    root, ckpt, h5 = setup
+    return ["--model", str(ckpt), "--data", str(h5), "--out", str(out), "--context-length", "64",
+            "--stride", "64", "--batch-size", "2", "--lr", "1e-2", "--ledger",
+            str(out.parent / f"{out.name}-ledger.jsonl"), "--dtype", "fp32", *extra]
+
+
+def losses(run):
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(setup, tmp_path):
+    """Overfit one window (1 training series, 1 window): the loss must fall."""
+    root, ckpt, h5 = setup
+    traj, time = data.load_trajectories(h5)
+    one = data.write_h5(tmp_path / "one.h5", np.repeat(traj[:1], 10, axis=0), time)
+    args = train_args(setup, tmp_path / "run", "--steps", "8", "--targets",
+                      "q_proj,v_proj,o_proj,down_proj")
+    args[args.index("--data") + 1] = str(one)
+    assert train.main(args) == 0
+    loss = losses(tmp_path / "run")
+    assert len(loss) == 8 and loss[-1] < loss[0] - 0.5, loss
+
+
+def test_resume_equals_uninterrupted(setup, tmp_path):
+    assert train.main(train_args(setup, tmp_path / "straight", "--steps", "4")) == 0
+    assert train.main(train_args(setup, tmp_path / "split", "--steps", "2")) == 0
+    assert train.main(train_args(setup, tmp_path / "split", "--steps", "4", "--resume")) == 0
+    a = torch.load(tmp_path / "straight" / "state.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "state.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(x["exp_avg"], y["exp_avg"]) and torch.equal(x["exp_avg_sq"], y["exp_avg_sq"])
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+    assert a["flops"] == b["flops"] > 0
+    # the split run's two sessions are two ledger records adding up to the same FLOPs
+    ledger = flops.read_ledger(tmp_path / "split-ledger.jsonl")
+    assert [r["steps"] for r in ledger] == [[0, 2], [2, 4]]
+    assert sum(r["flops"] for r in ledger) == a["flops"]
+
+
+def test_resume_refuses_changed_hyperparameters(setup, tmp_path, capsys):
+    assert train.main(train_args(setup, tmp_path / "r", "--steps", "1")) == 0
+    with pytest.raises(SystemExit, match=r"config.json differs from these flags: \{'lr': \(0.01, 0.5\)\}"):
+        train.main(train_args(setup, tmp_path / "r", "--steps", "2", "--resume") + ["--lr", "0.5"])
+
+
+def test_budget_refusal(setup, tmp_path, capsys):
+    out = tmp_path / "over"
+    args = train_args(setup, out, "--steps", "3", "--flops-budget", "1e9")
+    assert train.main(args) == 3
+    err = capsys.readouterr().err
+    assert "error:" in err and "--force" in err
+    assert not (out / "state.pt").exists()
+
+
+def test_bad_data_file_is_a_clear_error(setup, tmp_path, capsys):
+    bad = tmp_path / "bad.h5"
+    import h5py
+
+    with h5py.File(bad, "w") as f:
+        f["trajectories"] = np.ones((5, 10, 3), dtype=np.float32)
+        f["time"] = np.linspace(0, 200, 10)
+    args = train_args(setup, tmp_path / "x", "--steps", "1")
+    args[args.index("--data") + 1] = str(bad)
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}: /trajectories has shape (5, 10, 3); expected 3 dimensions" in err
+
+
+def test_evaluate_writes_metrics_for_every_series(setup, tmp_path):
+    root, ckpt, h5 = setup
+    run = tmp_path / "run"
+    assert train.main(train_args(setup, run, "--steps", "2")) == 0
+    out = tmp_path / "eval"
+    ledger = tmp_path / "ledger.jsonl"
+    code = evaluate.main(["--model", str(ckpt), "--data", str(h5), "--adapter", str(run / "adapter"),
+                          "--out", str(out), "--forecast-steps", "3", "--batch-size", "2",
+                          "--ledger", str(ledger), "--dtype", "fp32"])
+    assert code == 0
+    m = json.loads((out / "metrics.json").read_text())
+    n_val = len(data.split_indices(20)["val"])
+    assert m["n_series"] == n_val == 3
+    for key in ("mse_scaled", "mae_scaled", "mse", "mae", "teacher_forced_ce", "generation_ce",
+                "parse_failure_rate", "mse_scaled_by_horizon", "flops"):
+        assert key in m
+    assert len(m["mse_scaled_by_horizon"]) == 3 and 0.0 <= m["parse_failure_rate"] <= 1.0
+    assert m["teacher_forced_ce"] > 0 and m["generation_ce"] > 0
+    rows = (out / "per_series.csv").read_text().splitlines()
+    assert len(rows) == 1 + n_val
+    assert flops.read_ledger(ledger)[-1]["flops"] == m["flops"] > 0
+    for f in ("trajectories.png", "horizon.png", "forecasts.npz"):
+        assert (out / f).stat().st_size > 0
+    meta = json.loads((run / "adapter" / "qwen_min.json").read_text())
+    assert m["alpha"] == meta["scaler"]["alpha"]
