@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from qwen_min import CheckpointError, count_flops, generate, load_model, load_tokenizer
 from qwen_min.loading import DEFAULT_MODEL
-from qwen_min.model import cross_entropy
+from qwen_min.model import LoRALinear, cross_entropy
 from qwen_min.runtime import (
     atomic_write_bytes,
     atomic_write_text,
@@ -56,6 +56,7 @@ DEFAULTS = dict(
     device="auto",
     out="runs/eval",
     ledger="runs/ledger.jsonl",
+    flops_budget=flops.BUDGET,
     plot_series=4,
 )
 
@@ -76,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device")
     p.add_argument("--out", help="output folder")
     p.add_argument("--ledger", help="JSONL FLOP ledger")
+    p.add_argument("--flops-budget", type=float)
+    p.add_argument("--force", action="store_true", help="run even if the budget would be exceeded")
     p.add_argument("--plot-series", type=int, help="series drawn in trajectories.png")
     p.add_argument("--compare", nargs="+", metavar="EVAL_DIR",
                    help="only draw a comparison of finished evaluations (their metrics.json)")
@@ -107,6 +110,22 @@ def teacher_forced_ce(model, prompts, targets, device, dtype) -> list[float]:
             logits = model.lm_head(h[i, -len(t) - 1 : -1])  # (len(t), V)
             out.append(cross_entropy(logits, torch.tensor(t, device=device)).item())
     return out
+
+
+def planned_flops(model, prompts, targets, new_tokens: int, batch_size: int) -> int:
+    """An upper bound for the budget check: per batch, generation at the longest prompt plus a
+    teacher-forced pass with the LM head on every position (the real pass heads only targets)."""
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    kw = {"lora_rank": lora[0].rank if lora else 0,
+          "lora_targets": sorted({m.flop_name for m in lora})}
+    total = 0
+    for b in range(0, len(prompts), batch_size):
+        n = len(prompts[b : b + batch_size])
+        longest = max(len(p) + len(t) for p, t in zip(prompts[b : b + batch_size],
+                                                       targets[b : b + batch_size]))
+        total += flops.generation_flops(model.cfg, n, longest, new_tokens, **kw)
+        total += flops.teacher_forced_flops(model.cfg, n, longest, **kw)
+    return total
 
 
 def generation_ce(step_logits: torch.Tensor, target: list[int]) -> float:
@@ -230,6 +249,13 @@ def main(argv=None) -> int:
         truths.append(truth)
     # a step is 2 numbers of (integer digits + '.' + decimals) plus ',' and ';'
     new_tokens = args.forecast_steps * (2 * (args.decimals + 2) + 2)
+    try:
+        flops.check_budget(args.ledger, planned_flops(model, prompts, targets, new_tokens,
+                                                      args.batch_size), args.flops_budget,
+                           args.force)
+    except flops.BudgetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     forecasts = np.full((len(series), args.forecast_steps, 2), np.nan)
     texts, tf_ce, gen_ce, failures = [], [], [], []
     with count_flops() as counter:

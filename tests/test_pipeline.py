@@ -121,3 +121,12 @@ def test_evaluate_writes_metrics_for_every_series(setup, tmp_path):
         assert (out / f).stat().st_size > 0
     meta = json.loads((run / "adapter" / "qwen_min.json").read_text())
     assert m["alpha"] == meta["scaler"]["alpha"]
+
+
+def test_evaluate_refuses_to_overrun_the_budget(setup, tmp_path, capsys):
+    root, ckpt, h5 = setup
+    code = evaluate.main(["--model", str(ckpt), "--data", str(h5), "--out", str(tmp_path / "e"),
+                          "--ledger", str(tmp_path / "l.jsonl"), "--flops-budget", "1e6"])
+    assert code == 3
+    assert "pass --force" in capsys.readouterr().err
+    assert not (tmp_path / "e" / "metrics.json").exists()
