@@ -126,7 +126,8 @@ def test_evaluate_writes_metrics_for_every_series(setup, tmp_path):
 def test_evaluate_refuses_to_overrun_the_budget(setup, tmp_path, capsys):
     root, ckpt, h5 = setup
     code = evaluate.main(["--model", str(ckpt), "--data", str(h5), "--out", str(tmp_path / "e"),
-                          "--ledger", str(tmp_path / "l.jsonl"), "--flops-budget", "1e6"])
+                          "--ledger", str(tmp_path / "l.jsonl"), "--flops-budget", "1e6",
+                          "--forecast-steps", "3"])
     assert code == 3
     assert "pass --force" in capsys.readouterr().err
     assert not (tmp_path / "e" / "metrics.json").exists()
