@@ -23,13 +23,13 @@ import json
 import sys
 from pathlib import Path
 
-import data
-import flops
 import numpy as np
 import torch
-from lora import AdapterError, load_adapter
 from tqdm import tqdm
 
+import data
+import flops
+from lora import AdapterError, load_adapter
 from qwen_min import CheckpointError, count_flops, generate, load_model, load_tokenizer
 from qwen_min.loading import DEFAULT_MODEL
 from qwen_min.model import LoRALinear, cross_entropy
@@ -69,8 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", choices=["val", "test"])
     p.add_argument("--split-seed", type=int)
     p.add_argument("--decimals", type=int, help="without --adapter (with one, its metadata rules)")
-    p.add_argument("--limit", type=int, help="evaluate the first N series of the split (default all)")
-    p.add_argument("--forecast-steps", type=int, help="time steps to forecast (10 steps = 100 tokens)")
+    p.add_argument("--limit", type=int, help="first N series of the split (default: all)")
+    p.add_argument("--forecast-steps", type=int, help="steps to forecast (10 = 100 tokens)")
     p.add_argument("--context-fraction", type=float)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"])
@@ -132,7 +132,8 @@ def generation_ce(step_logits: torch.Tensor, target: list[int]) -> float:
     """Cross-entropy of the generation's own per-step scores against the true tokens (the
     coursework's validation loss); compared over the shorter of the two sequences."""
     n = min(len(target), step_logits.shape[0])
-    return cross_entropy(step_logits[:n], torch.tensor(target[:n], device=step_logits.device)).item()
+    target_ids = torch.tensor(target[:n], device=step_logits.device)
+    return cross_entropy(step_logits[:n], target_ids).item()
 
 
 def mean_or_none(x: np.ndarray) -> float | None:

@@ -64,7 +64,8 @@ def train_and_eval(args, name: str, rank: int, lr: float, context: int, steps: i
     if not (eval_dir / "metrics.json").exists():
         train = ["train.py", *common, "--out", str(run_dir), "--rank", str(rank), "--lr", str(lr),
                  "--context-length", str(context), "--steps", str(steps), "--batch-size",
-                 str(args.batch_size), "--flops-budget", str(args.flops_budget), *args.extra.split()]
+                 str(args.batch_size), "--flops-budget", str(args.flops_budget),
+                 *args.extra.split()]
         if (run_dir / "state.pt").exists():
             train.append("--resume")
         code = run(train)
@@ -141,11 +142,11 @@ def main(argv=None) -> int:
     lrs = [float(x) for x in args.lrs.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
     rows, note = [], "All stages finished within the budget."
-    plan = [("grid", r, lr, args.grid_context, args.grid_steps) for r in ranks for lr in lrs]
-    for stage, rank, lr, ctx, steps in plan:
-        row = train_and_eval(args, f"grid-r{rank}-lr{lr:g}", rank, lr, ctx, steps)
+    for rank, lr in [(r, lr) for r in ranks for lr in lrs]:
+        row = train_and_eval(args, f"grid-r{rank}-lr{lr:g}", rank, lr, args.grid_context,
+                             args.grid_steps)
         if row is None:
-            note = f"Stopped in the grid: the FLOP budget ({args.flops_budget:.3g}) would be exceeded."
+            note = f"Stopped in the grid: the budget ({args.flops_budget:.3g}) would be exceeded."
             break
         rows.append(row)
     else:

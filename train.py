@@ -22,13 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-import data
-import flops
 import numpy as np
 import torch
-from lora import apply_lora, lora_parameters, save_adapter
 from tqdm import tqdm
 
+import data
+import flops
+from lora import apply_lora, lora_parameters, save_adapter
 from qwen_min import CheckpointError, count_flops, load_model, load_tokenizer
 from qwen_min.loading import DEFAULT_MODEL
 from qwen_min.runtime import atomic_write_bytes, autocast, pick_device, pick_dtype
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decimals", type=int)
     p.add_argument("--schedule", choices=["constant", "cosine"])
     p.add_argument("--warmup", type=int, help="linear warmup steps (cosine schedule)")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="auto: bf16 autocast where fast")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="auto: bf16 where fast")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--out", help="run folder (default runs/r{rank}-lr{lr}-ctx{context})")
     p.add_argument("--eval-every", type=int, help="validation loss every N steps (0: off)")
@@ -317,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_every:  # validation is forward-only, batches of B windows of L tokens
         n_evals = args.steps // args.eval_every - start // args.eval_every
         eval_batches = math.ceil(len(val["input_ids"]) / B)
-        planned += n_evals * eval_batches * flops.teacher_forced_flops(cfg, B, L, args.rank, targets)
+        per_batch = flops.teacher_forced_flops(cfg, B, L, args.rank, targets)
+        planned += n_evals * eval_batches * per_batch
     try:
         flops.check_budget(args.ledger, planned, args.flops_budget, args.force)
     except flops.BudgetError as e:
@@ -357,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                 used = used_before + session_flops
                 bar.set_postfix(loss=f"{record['loss']:.3f}",
                                 tok_s=f"{(step + 1 - start) * B * L / (time.time() - t0):.0f}",
-                                flops=f"{used:.2e}", budget=f"{100 * used / args.flops_budget:.2f}%")
+                                flops=f"{used:.2e}",
+                                budget=f"{100 * used / args.flops_budget:.2f}%")
                 last = step + 1 == args.steps
                 if last or stop.requested or (step + 1) % args.checkpoint_every == 0:
                     save_state(run, step + 1, model, optimizer, counted + session_flops)

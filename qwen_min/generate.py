@@ -46,7 +46,8 @@ def generate(
         if i == 0:  # prefill: the whole prompt, logits of its last position only
             step_logits = model(input_ids, mask[:, :T], cache, last_only=True)[:, -1]  # (B, V)
         else:  # decode: one token against the cache
-            step_logits = model(tokens[:, i - 1 : i], mask[:, : T + i], cache, last_only=True)[:, -1]
+            last = tokens[:, i - 1 : i]  # (B, 1)
+            step_logits = model(last, mask[:, : T + i], cache, last_only=True)[:, -1]
         logits[:, i] = step_logits.float()
         next_token = step_logits.argmax(-1)  # (B,)
         if eos_token_id is not None:

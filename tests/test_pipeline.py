@@ -58,7 +58,8 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     assert a["step"] == b["step"] == 4
     assert all(torch.equal(a["lora"][k], b["lora"][k]) for k in a["lora"])
     for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(x["exp_avg"], y["exp_avg"]) and torch.equal(x["exp_avg_sq"], y["exp_avg_sq"])
+        assert torch.equal(x["exp_avg"], y["exp_avg"])
+        assert torch.equal(x["exp_avg_sq"], y["exp_avg_sq"])
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
     assert a["flops"] == b["flops"] > 0
     # the split run's two sessions are two ledger records adding up to the same FLOPs
@@ -69,7 +70,8 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
 
 def test_resume_refuses_changed_hyperparameters(setup, tmp_path, capsys):
     assert train.main(train_args(setup, tmp_path / "r", "--steps", "1")) == 0
-    with pytest.raises(SystemExit, match=r"config.json differs from these flags: \{'lr': \(0.01, 0.5\)\}"):
+    changed = r"config.json differs from these flags: \{'lr': \(0.01, 0.5\)\}"
+    with pytest.raises(SystemExit, match=changed):
         train.main(train_args(setup, tmp_path / "r", "--steps", "2", "--resume") + ["--lr", "0.5"])
 
 
@@ -102,7 +104,8 @@ def test_evaluate_writes_metrics_for_every_series(setup, tmp_path):
     assert train.main(train_args(setup, run, "--steps", "2")) == 0
     out = tmp_path / "eval"
     ledger = tmp_path / "ledger.jsonl"
-    code = evaluate.main(["--model", str(ckpt), "--data", str(h5), "--adapter", str(run / "adapter"),
+    code = evaluate.main(["--model", str(ckpt), "--data", str(h5),
+                          "--adapter", str(run / "adapter"),
                           "--out", str(out), "--forecast-steps", "3", "--batch-size", "2",
                           "--ledger", str(ledger), "--dtype", "fp32"])
     assert code == 0
