@@ -30,7 +30,8 @@ from tqdm import tqdm
 import data
 import flops
 from lora import AdapterError, load_adapter
-from qwen_min import CheckpointError, count_flops, generate, load_model, load_tokenizer
+from qwen_min import CheckpointError, KVCache, count_flops, generate, load_model, load_tokenizer
+from qwen_min.generate import cache_dtype
 from qwen_min.loading import DEFAULT_MODEL
 from qwen_min.model import LoRALinear, cross_entropy
 from qwen_min.runtime import (
@@ -96,19 +97,26 @@ def left_pad(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def teacher_forced_ce(model, prompts, targets, device, dtype) -> list[float]:
-    """Per-series mean cross-entropy of the true target tokens given the true prefix. The LM
-    head runs only where a target token is predicted (not over the whole prompt)."""
-    ids, mask = left_pad([p + t for p, t in zip(prompts, targets)])
-    ids, mask = ids.to(device), mask.to(device)
-    with autocast(device, dtype):
-        h = model.hidden_states(ids, mask)  # (B, T, d)
-        out = []
-        for i, t in enumerate(targets):
-            # position j predicts token j+1: the last len(t) tokens are predicted from the
-            # len(t) positions just before them
-            logits = model.lm_head(h[i, -len(t) - 1 : -1])  # (len(t), V)
-            out.append(cross_entropy(logits, torch.tensor(t, device=device)).item())
+def teacher_forced_ce(model, cache, prompt_mask, targets, first_logits) -> list[float]:
+    """Per-series mean cross-entropy of the true target tokens given the true prefix.
+
+    Runs after `generate` with the same KV cache: rewound to the prompt, the cache takes the
+    true continuation instead of the generated one, so the 700-token prompt is not run twice.
+    first_logits (B, V) are the prompt's last-position logits (generation step 0), which
+    predict the first target token."""
+    B, T = prompt_mask.shape
+    L = max(len(t) for t in targets)
+    ids = torch.full((B, L), data.PAD_ID, dtype=torch.long, device=prompt_mask.device)
+    mask = torch.zeros_like(ids)
+    for i, t in enumerate(targets):  # right-padded: the targets follow the prompt directly
+        ids[i, : len(t)], mask[i, : len(t)] = torch.tensor(t), 1
+    cache.length = T
+    h = model.hidden_states(ids[:, :-1], torch.cat([prompt_mask, mask[:, :-1]], 1), cache)
+    out = []
+    for i, t in enumerate(targets):
+        # position j of the target block predicts target token j+1
+        logits = torch.cat([first_logits[i : i + 1], model.lm_head(h[i, : len(t) - 1]).float()])
+        out.append(cross_entropy(logits, ids[i, : len(t)]).item())  # (len(t), V) vs (len(t),)
     return out
 
 
@@ -264,15 +272,18 @@ def main(argv=None) -> int:
                       unit="batch", dynamic_ncols=True):
             sl = slice(b, b + args.batch_size)
             ids, mask = left_pad(prompts[sl])
+            ids, mask = ids.to(device), mask.to(device)
+            room = ids.shape[1] + max(new_tokens, max(len(t) for t in targets[sl]))
+            cache = KVCache(model.cfg, len(ids), room, cache_dtype(model, device), device)
             with autocast(device, dtype):
-                tokens, step_logits = generate(model, ids.to(device), new_tokens, mask.to(device))
+                tokens, step_logits = generate(model, ids, new_tokens, mask, cache=cache)
+                tf_ce += teacher_forced_ce(model, cache, mask, targets[sl], step_logits[:, 0])
             for j, row in enumerate(tokens.tolist()):
                 text = tokenizer.decode(row)
                 values, bad = scaler.decode(text, n_steps=args.forecast_steps)  # NaN rows: invalid
                 forecasts[b + j], texts[len(texts):] = values, [text]
                 failures.append(bad)
                 gen_ce.append(generation_ce(step_logits[j], targets[b + j]))
-            tf_ce += teacher_forced_ce(model, prompts[sl], targets[sl], device, dtype)
     truths = np.stack(truths)
     err_scaled = (forecasts - truths) / scaler.alpha  # (N, steps, 2)
     sq, ab = err_scaled**2, np.abs(err_scaled)

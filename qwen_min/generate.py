@@ -7,7 +7,7 @@ import torch
 from .model import KVCache, Qwen2ForCausalLM
 
 
-def _cache_dtype(model: Qwen2ForCausalLM, device: torch.device) -> torch.dtype:
+def cache_dtype(model: Qwen2ForCausalLM, device: torch.device) -> torch.dtype:
     # under autocast the projections emit the autocast dtype, so the cache stores that
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -21,6 +21,7 @@ def generate(
     max_new_tokens: int,
     attention_mask: torch.Tensor | None = None,
     eos_token_id: int | None = None,
+    cache: KVCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy decoding of `max_new_tokens` tokens for a left-padded batch.
 
@@ -28,6 +29,8 @@ def generate(
     Returns (tokens (B, N), logits (B, N, V) in fp32): logits[:, i] is the distribution that
     tokens[:, i] was taken from. N = max_new_tokens, unless `eos_token_id` is given and every
     row has produced it (rows that finished earlier are filled with eos from then on).
+    `cache`: an empty KVCache of your own with room for T + N positions, to reuse afterwards
+    (evaluate.py rewinds it to the prompt and runs the true continuation through it).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
@@ -37,7 +40,10 @@ def generate(
         attention_mask = torch.ones_like(input_ids)
     mask = attention_mask.new_ones(B, T + max_new_tokens)
     mask[:, :T] = attention_mask
-    cache = KVCache(model.cfg, B, T + max_new_tokens, _cache_dtype(model, device), device)
+    if cache is None:
+        cache = KVCache(model.cfg, B, T + max_new_tokens, cache_dtype(model, device), device)
+    elif cache.length != 0:
+        raise ValueError(f"generate needs an empty KV cache, this one holds {cache.length}")
     tokens = input_ids.new_zeros(B, max_new_tokens)
     logits = torch.empty(B, max_new_tokens, model.cfg.vocab_size, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)

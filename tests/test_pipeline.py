@@ -134,3 +134,23 @@ def test_evaluate_refuses_to_overrun_the_budget(setup, tmp_path, capsys):
     assert code == 3
     assert "pass --force" in capsys.readouterr().err
     assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+def test_teacher_forced_ce_through_the_rewound_cache_equals_a_full_pass(setup):
+    """evaluate.py reuses generation's KV cache for the teacher-forced pass: same numbers as
+    running prompt + target from scratch, for left-padded prompts and ragged targets."""
+    from qwen_min import KVCache, generate, load_model
+    from qwen_min.model import cross_entropy
+
+    model = load_model(setup[1])
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(11, 27, (n,), generator=g).tolist() for n in (12, 7, 9)]
+    targets = [torch.randint(11, 27, (n,), generator=g).tolist() for n in (5, 9, 1)]
+    ids, mask = evaluate.left_pad(prompts)
+    cache = KVCache(model.cfg, 3, ids.shape[1] + 9, torch.float32, "cpu")
+    _, step_logits = generate(model, ids, 4, mask, cache=cache)
+    got = evaluate.teacher_forced_ce(model, cache, mask, targets, step_logits[:, 0])
+    with torch.no_grad():
+        want = [cross_entropy(model(torch.tensor([p + t]))[0, len(p) - 1 : -1], torch.tensor(t))
+                for p, t in zip(prompts, targets)]
+    assert got == pytest.approx([w.item() for w in want], abs=1e-5)
