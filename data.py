@@ -20,8 +20,8 @@ Run as a script to simulate the default dataset: `python data.py --out data/lotk
 from __future__ import annotations
 
 import argparse
+import io
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,8 @@ import h5py
 import numpy as np
 import torch
 from tokenizers import Tokenizer
+
+from qwen_min.runtime import atomic_write_bytes
 
 DEFAULT_PATH = Path("data/lotka_volterra_data.h5")
 PAD_ID = 151643  # <|endoftext|>, Qwen2's padding token
@@ -158,21 +160,15 @@ def check_arrays(trajectories: np.ndarray, time: np.ndarray, source: str) -> Non
 
 
 def write_h5(path: str | Path, trajectories: np.ndarray, time: np.ndarray) -> Path:
-    """Write /trajectories (float32) and /time (float64) atomically (temp file + os.replace)."""
+    """Write /trajectories (float32) and /time (float64) atomically (temp file + rename)."""
     path = Path(path)
     trajectories, time = np.asarray(trajectories), np.asarray(time)
     check_arrays(trajectories, time, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # h5py creates it with the umask
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("trajectories", data=trajectories.astype(np.float32))
-            f.create_dataset("time", data=time.astype(np.float64))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    buf = io.BytesIO()  # built in memory (a few MB), then written in one atomic step
+    with h5py.File(buf, "w") as f:
+        f.create_dataset("trajectories", data=trajectories.astype(np.float32))
+        f.create_dataset("time", data=time.astype(np.float64))
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def load_trajectories(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

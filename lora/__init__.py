@@ -21,18 +21,17 @@ saved by PEFT for Qwen2 loads here.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from qwen_min.model import Linear, LoRALinear
+from qwen_min.runtime import atomic_write_bytes, atomic_write_text
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_FILE = "adapter_config.json"
@@ -174,22 +173,10 @@ def save_adapter(
     metadata_text = json.dumps(metadata or {}, indent=2) + "\n"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
-    _write_atomic(out / METADATA_FILE, lambda tmp: Path(tmp).write_text(metadata_text))
-    _write_atomic(out / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
+    atomic_write_bytes(out / WEIGHTS_FILE, save(tensors, {"format": "pt"}))
+    atomic_write_text(out / METADATA_FILE, metadata_text)
+    atomic_write_text(out / CONFIG_FILE, config_text)
     return out
-
-
-def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
-    """write(tmp) beside `path`, then rename over it: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- load
