@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -57,7 +57,7 @@ class Qwen2Config:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "Qwen2Config":
+    def from_dict(cls, d: dict, source: str = "config.json") -> Qwen2Config:
         """Read both config.json forms: the official one (top-level `rope_theta`,
         `torch_dtype`) and transformers ≥ 5 (`rope_parameters`, `dtype`, `layer_types`)."""
 
@@ -268,6 +268,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------- attention
 
 
+def grouped_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q kᵀ / √hd + mask) · v in explicit ops, in the precision of k and v.
+
+    q: (B, nh, T, hd); k, v: (B, n_kv, S, hd); mask: (B, 1, T, S) boolean, or None (causal).
+    The n_rep query heads of a KV head are stacked into one matrix, so K and V are used as
+    they are, never repeated. For one query per head (each decoding step) this is several
+    times faster on CPU than SDPA's kernel, and it reads the fp32 KV cache in fp32."""
+    B, nh, T, hd = q.shape
+    nkv, S = k.shape[1], k.shape[2]
+    rep = nh // nkv
+    if mask is None and T > 1:  # a prefill (S = T): causal
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None, None]
+    with torch.autocast(q.device.type, enabled=False):  # autocast would round k, v to bf16
+        qg = q.reshape(B, nkv, rep * T, hd).to(k.dtype)  # (B, n_kv, rep·T, hd)
+        scores = (qg @ k.transpose(-1, -2)) / math.sqrt(hd)  # (B, n_kv, rep·T, S)
+        scores = scores.view(B, nkv, rep, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # (B, 1, 1, T, S)
+        p = scores.float().softmax(-1).to(v.dtype).view(B, nkv, rep * T, S)
+        return (p @ v).view(B, nh, T, hd).to(q.dtype)  # (B, n_kv, rep·T, hd) → (B, nh, T, hd)
+
+
+
 class Qwen2Attention(nn.Module):
     """Grouped-query attention: 14 query heads share 2 key/value heads (7 each).
 
@@ -285,7 +308,7 @@ class Qwen2Attention(nn.Module):
         self.o_proj = Linear(cfg.num_attention_heads * hd, d, bias=False, flop_name="o_proj")
         self.eager = False  # True: explicit matmul/softmax (torch's FlopCounterMode can see it)
 
-    def forward(self, x, cos, sin, mask, cache: "KVCache | None", layer: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         cfg, (B, T, _) = self.cfg, x.shape
         hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         # k_proj/v_proj count at the width that runs (d → n_kv·hd); flops.py also gives the
@@ -305,15 +328,12 @@ class Qwen2Attention(nn.Module):
         # the row max first (for stability) does not change the function and is not counted
         add_flops("attn_softmax", B * nh * T * (12 * S - 1))
         add_matmul_flops("attn_v", B * nh, T, S, hd)  # (T×S)(S×hd) per head
-        if self.eager:
-            k = k.repeat_interleave(cfg.n_rep, dim=1)  # (B, nh, S, hd)
-            v = v.repeat_interleave(cfg.n_rep, dim=1)
-            scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)  # (B, nh, T, S)
-            scores = scores.masked_fill(~mask, float("-inf")) if mask is not None else scores
-            out = scores.float().softmax(-1).to(q.dtype) @ v  # (B, nh, T, hd)
-        else:
-            causal = mask is None and T > 1
-            out = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=True)
+        if self.eager or T == 1:  # one query per head (decoding): explicit ops are faster
+            out = grouped_attention(q, k, v, mask)
+        else:  # SDPA computes in q's dtype; the KV cache keeps fp32 (see KVCache)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None,
+                                                 enable_gqa=True)  # fmt: skip
         return self.o_proj(out.transpose(1, 2).reshape(B, T, nh * hd))  # (B, T, d)
 
 
@@ -406,7 +426,7 @@ class Qwen2ForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: "KVCache | None" = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """input_ids (B, T) → final-normed hidden states (B, T, d).
 
@@ -414,9 +434,14 @@ class Qwen2ForCausalLM(nn.Module):
         come from it, so a left-padded prompt starts at position 0 at its first real token."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        S = past + T
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the same as no mask, and SDPA runs faster without
         if attention_mask is None:
-            positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-            mask = None if past == 0 else attention_mask_4d(input_ids.new_ones(B, past + T), T)
+            positions = torch.arange(past, S, device=input_ids.device).expand(B, T)
+            # one query sees every key, and a prefill is plain causal (SDPA's is_causal); only
+            # T > 1 new tokens after cached ones need a mask (is_causal aligns it top-left)
+            mask = None if past == 0 or T == 1 else attention_mask_4d(input_ids.new_ones(B, S), T)
         else:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
             mask = attention_mask_4d(attention_mask, T)
@@ -433,7 +458,7 @@ class Qwen2ForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: "KVCache | None" = None,
+        cache: KVCache | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only (generation)."""
@@ -448,24 +473,103 @@ class Qwen2ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Mean next-token cross-entropy; labels (B, T) are the input ids with −100 where no loss
         is taken (padding). Position t predicts label t+1, as in transformers."""
-        logits = self(input_ids, attention_mask)[:, :-1]  # (B, T−1, V)
-        return cross_entropy(logits, labels[:, 1:])
+        h = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
+        # = cross_entropy(self.lm_head(h)[:, :-1], labels[:, 1:]), without the (B, T, V) logits;
+        # that form also runs the head on the last position (which predicts nothing), and
+        # flops.py counts it so: count those B rows here too
+        B, d, V = h.shape[0], self.cfg.hidden_size, self.cfg.vocab_size
+        add_matmul_flops(self.lm_head.flop_name, 1, B, d, V)
+        return linear_cross_entropy(h[:, :-1], self.lm_head, labels[:, 1:])  # (B, T−1) rows
+
+
+def add_loss_flops(rows: int, V: int) -> None:
+    # per row: V exp (10 each) + V−1 adds + 1 log (10) + 1 subtract (log Σ − logit_target);
+    # every row is computed, ignored ones too. The mean: rows−1 adds + 1 divide.
+    add_flops("loss", rows * (11 * V + 10) + rows)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean of −log softmax(logits)[target] over targets ≠ −100; logits (..., V)."""
     V, rows = logits.shape[-1], logits.numel() // logits.shape[-1]
-    # per row: V exp (10 each) + V−1 adds + 1 log (10) + 1 subtract (log Σ − logit_target);
-    # every row is computed, ignored ones too. The mean: rows−1 adds + 1 divide.
-    add_flops("loss", rows * (11 * V + 10) + rows)
-    return F.cross_entropy(logits.reshape(rows, V).float(), targets.reshape(rows), ignore_index=-100)
+    add_loss_flops(rows, V)
+    logits, targets = logits.reshape(rows, V).float(), targets.reshape(rows)
+    return F.cross_entropy(logits, targets, ignore_index=-100)
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, head: Linear, targets: torch.Tensor, chunk_rows: int = 256
+) -> torch.Tensor:
+    """cross_entropy(head(h), targets) without ever holding all the logits; h (..., d).
+
+    Why: a training batch of 4 × 512 positions has 2048 × 151,936 logits, 1.2 GB in fp32, and
+    the plain path makes several such tensors per step (bf16 output, fp32 copy, log-softmax,
+    its gradient) and keeps some for the backward pass. Here `chunk_rows` rows at a time go
+    through the head and the softmax, and each chunk's gradient with respect to h,
+    ((softmax − onehot) / n) · W, is computed at once in the forward pass: only that
+    (rows, d) tensor waits for backward. The head is frozen under LoRA; if its weight does
+    train, its gradient ((softmax − onehot) / n)ᵀ · h is accumulated the same way.
+    Same loss, gradients and counted FLOPs as the plain path (tests/test_model.py)."""
+    if head.bias is not None:
+        raise ValueError("linear_cross_entropy supports a head without bias (as Qwen2's)")
+    d, V = head.in_features, head.out_features
+    rows = h.numel() // d
+    add_matmul_flops(head.flop_name, 1, rows, d, V)  # rows·V·(2d − 1), as Linear counts it
+    add_loss_flops(rows, V)
+    h, targets = h.reshape(rows, d), targets.reshape(rows)
+    return _LinearCrossEntropy.apply(h, head.weight, targets, chunk_rows)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The chunked loss and its gradients (see linear_cross_entropy); autocast applies inside."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows):  # h (N, d), weight (V, d), targets (N,)
+        valid = targets != -100
+        n = valid.sum()
+        want_h, want_w = ctx.needs_input_grad[:2]
+        ctx.weight_dtype = weight.dtype
+        grad_h = torch.zeros_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+        total = h.new_zeros((), dtype=torch.float32)
+        if torch.is_autocast_enabled(h.device.type):  # cast the head once, not in every chunk
+            weight = weight.to(torch.get_autocast_dtype(h.device.type))
+        for s in range(0, h.shape[0], chunk_rows):
+            rows = slice(s, s + chunk_rows)
+            hc, ok = h[rows], valid[rows]
+            t = targets[rows].clamp(min=0)  # ignored rows: any index, their weight below is 0
+            logits = F.linear(hc, weight).float()  # (c, V)
+            lse = logits.logsumexp(-1)  # (c,)
+            total += ((lse - logits.gather(1, t[:, None])[:, 0]) * ok).sum()
+            if want_h or want_w:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(len(t), device=t.device), t] -= 1
+                g *= (ok / n)[:, None]  # d(mean loss)/d(logits); (c, V)
+                if want_h:
+                    grad_h[rows] = g.to(weight.dtype) @ weight  # (c, d)
+                if want_w:
+                    grad_w += g.t().to(hc.dtype) @ hc  # (V, d)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_loss if grad_h is not None else None,
+            (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None,
+            None,
+            None,
+        )
 
 
 # ----------------------------------------------------------------------------- KV cache
 
 
 class KVCache:
-    """Preallocated keys and values, (layers, B, n_kv, max_len, hd); `length` slots are filled."""
+    """Preallocated keys and values, (layers, B, n_kv, max_len, hd); `length` slots are filled.
+
+    generate() keeps them in fp32 even under bf16 autocast (generate.cache_dtype): bf16 values
+    are stored exactly, and each decoding step's attention then runs in fp32."""
 
     def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, dtype, device):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
