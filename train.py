@@ -174,9 +174,16 @@ def load_state(run: Path, model, optimizer) -> tuple[int, int]:
     return state["step"], state["flops"]
 
 
-def check_resume_config(run: Path, args) -> None:
-    """A resumed run must be the same run: only --steps (and bookkeeping flags) may change."""
+def check_resume_config(run: Path, args, data_sha256: str) -> None:
+    """A resumed run must be the same run: only --steps (and bookkeeping flags) may change,
+    and the data file must hold the same bytes."""
+    if not (run / "config.json").exists():
+        raise SystemExit(f"--resume: {run}/config.json does not exist; start the run without "
+                         "--resume")
     saved = json.loads((run / "config.json").read_text())
+    if saved.get("data_sha256") != data_sha256:
+        raise SystemExit(f"--resume: {args.data} is not the data file {run} was trained on "
+                         "(its SHA-256 differs); resume with the original file")
     free = {"steps", "resume", "force", "eval_every", "checkpoint_every", "device", "ledger",
             "flops_budget"}
     changed = {k: (saved[k], v) for k, v in vars(args).items()
@@ -295,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device).train()
     optimizer = torch.optim.Adam(list(lora_parameters(model).values()), lr=args.lr)
 
+    data_sha256 = file_sha256(args.data)
     if args.resume:
-        check_resume_config(run, args)
+        check_resume_config(run, args, data_sha256)
         start, counted = load_state(run, model, optimizer)
         truncate_metrics(run / "metrics.jsonl", start)
     else:
@@ -305,8 +313,6 @@ def main(argv: list[str] | None = None) -> int:
                   "another --out", file=sys.stderr)
             return 2
         start, counted = 0, 0
-        run.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run / "config.json", json.dumps(vars(args), indent=2).encode())
     if start >= args.steps:
         print(f"{run}: already at step {start} of {args.steps}; raise --steps to train more")
         return 0
@@ -324,11 +330,14 @@ def main(argv: list[str] | None = None) -> int:
     except flops.BudgetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    if not args.resume:
+        config = vars(args) | {"data_sha256": data_sha256}
+        atomic_write_bytes(run / "config.json", json.dumps(config, indent=2).encode())
 
     metadata = {
         "scaler": scaler.to_dict(),
         "train_config": vars(args),
-        "data_sha256": file_sha256(args.data),
+        "data_sha256": data_sha256,
         "trainable_parameters": n_trainable,
     }
     n_windows = len(train["input_ids"])
@@ -364,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 if last or stop.requested or (step + 1) % args.checkpoint_every == 0:
                     save_state(run, step + 1, model, optimizer, counted + session_flops)
                     save_adapter(model, run / "adapter", args.model, metadata | {"step": step + 1})
+                    plot_loss(run)
                 if stop.requested:
                     break
             bar.close()
@@ -373,7 +383,6 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": B, "context_length": L, "rank": args.rank, "targets": list(targets),
             "lr": args.lr,
         })
-    plot_loss(run)
     print(f"{run}: step {done}/{args.steps}, {session_flops:.3e} FLOPs counted this session "
           f"(run total {counted + session_flops:.3e}); adapter in {run / 'adapter'}")
     if stop.requested and done < args.steps:

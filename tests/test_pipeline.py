@@ -154,3 +154,14 @@ def test_teacher_forced_ce_through_the_rewound_cache_equals_a_full_pass(setup):
         want = [cross_entropy(model(torch.tensor([p + t]))[0, len(p) - 1 : -1], torch.tensor(t))
                 for p, t in zip(prompts, targets)]
     assert got == pytest.approx([w.item() for w in want], abs=1e-5)
+
+
+def test_resume_refuses_a_different_data_file(setup, tmp_path):
+    root, ckpt, h5 = setup
+    assert train.main(train_args(setup, tmp_path / "r", "--steps", "1")) == 0
+    traj, time = data.load_trajectories(h5)
+    other = data.write_h5(tmp_path / "other.h5", traj[::-1].copy(), time)
+    args = train_args(setup, tmp_path / "r", "--steps", "2", "--resume")
+    args[args.index("--data") + 1] = str(other)
+    with pytest.raises(SystemExit, match="is not the data file .* was trained on"):
+        train.main(args)
