@@ -15,6 +15,7 @@ Two things live inside the model code on purpose:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from collections.abc import Iterator
@@ -585,3 +586,9 @@ class KVCache:
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv, S, hd)
+
+    def rows(self, rows: slice) -> KVCache:
+        """A view of some batch rows, with its own `length`: what it writes lands here."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, rows], self.v[:, rows]
+        return view

@@ -197,3 +197,21 @@ def test_bf16_base_with_fp32_lora_trains_under_autocast():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n in params if n.endswith("lora_B")}  # B starts at 0: A waits
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in params)
+
+
+def test_prefill_in_row_parts_equals_one_pass():
+    """generate prefills a few rows at a time through KVCache.rows views: the same tokens,
+    logits, cache contents and counted FLOPs as the whole batch at once."""
+    model = build().eval()
+    ids, _, mask = batch(B=5, T=9)
+    runs = {}
+    for rows in (2, 5):
+        cache = KVCache(CFG, 5, 13, torch.float32, "cpu")
+        with count_flops() as c:
+            tokens, logits = generate(model, ids, 4, mask, cache=cache, prefill_rows=rows)
+        runs[rows] = tokens, logits, cache, c.total
+    (t2, l2, c2, f2), (t5, l5, c5, f5) = runs[2], runs[5]
+    assert t2.tolist() == t5.tolist() and f2 == f5
+    assert (l2 - l5).abs().max().item() <= 1e-5
+    assert c2.length == c5.length == 12
+    assert (c2.k - c5.k).abs().max().item() <= 1e-5 and c2.k.abs().sum() > 0
