@@ -220,7 +220,9 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     try:
-        model = load_model(args.model, dtype=torch.float32, device=device)
+        # under bf16 autocast the frozen base is kept in bf16 (half the memory, no per-call
+        # casts); LoRA tensors and Adam state stay fp32 (bench/results.md)
+        model = load_model(args.model, dtype=dtype, device=device)
         tokenizer = load_tokenizer(args.model)
         trajectories, time = data.load_trajectories(args.data)
     except (CheckpointError, data.DataError) as e:

@@ -291,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = pick_dtype(args.dtype, device)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     try:
-        model = load_model(args.model, dtype=torch.float32, device=device)
+        # under bf16 autocast the frozen base is kept in bf16 (half the memory, no per-call
+        # casts); LoRA tensors and Adam state stay fp32 (bench/results.md)
+        model = load_model(args.model, dtype=dtype, device=device)
         tokenizer = load_tokenizer(args.model)
         scaler, train, val = prepare_windows(args, tokenizer)
     except (CheckpointError, data.DataError) as e:
