@@ -12,7 +12,7 @@ ADAPTER ?= $(RUN)/adapter
 EVAL_OUT ?= $(RUN)/eval
 ARGS ?=
 
-.PHONY: setup test data flops train eval sweep demo
+.PHONY: setup test data flops train eval sweep demo bench
 setup:
 	test -x $(PY) || python3 -m venv .venv
 	if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
@@ -46,3 +46,8 @@ sweep:
 # every part, offline, on a tiny random-weight model: about 5 minutes on 2 CPU cores
 demo:
 	bash tools/demo.sh
+
+# qwen-min against transformers + PEFT on this machine: training, evaluation, loading (about
+# 15 min on 2 CPU cores; bench/results.md). QUICK=1: a 3-minute smoke run
+bench:
+	$(PY) bench/bench.py $(if $(QUICK),--quick) $(ARGS)
