@@ -1,5 +1,5 @@
-"""Qwen2 (Qwen2.5-0.5B-Instruct) in one file: config → RMSNorm → RoPE → attention → MLP →
-block → model → KV cache.
+"""Qwen2 (Qwen2.5-0.5B-Instruct) in one file: config → FLOP hooks → Linear/LoRA → RMSNorm →
+RoPE → attention → MLP → block → model (+ loss) → KV cache.
 
 It matches transformers' `Qwen2ForCausalLM` (modeling_qwen2.py) logit for logit: the module
 names below are the checkpoint keys (`model.layers.3.self_attn.q_proj.weight`, ...), so a
