@@ -4,7 +4,8 @@
     gradients (LoRA, and a head that trains) and counted FLOPs;
   * an all-ones attention mask takes the mask-free causal path: same logits as the masked one;
   * grouped_attention (decoding, eager) == SDPA, and the fp32 KV cache under bf16 autocast;
-  * a bf16 base with fp32 LoRA tensors trains under autocast.
+  * a bf16 base with fp32 LoRA tensors trains under autocast;
+  * generate's prefill in parts of a few rows == the whole batch at once.
 """
 
 from __future__ import annotations
