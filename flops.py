@@ -5,9 +5,10 @@
     python flops.py --json               # the same, machine-readable
 
 The model counts its own FLOPs as it runs (`with count_flops() as c: model(x)`, count_flops from
-qwen_min; the rules sit next to each op in qwen_min/model.py). `forward_flops` below is the same rules in closed form,
-and tests/test_flops.py proves the two agree to the FLOP across configs, batch sizes, lengths,
-LoRA, prefill, KV-cache decode steps and generation.
+qwen_min; the rules sit next to each op in qwen_min/model.py). `forward_flops` below is the
+same rules in closed form, and tests/test_flops.py proves the two agree to the FLOP across
+configs, batch sizes, lengths, LoRA, prefill, KV-cache decode steps and generation;
+tests/test_flops_independent.py checks both against totals worked out by hand.
 
 Conventions (the coursework's rules; costs: add/sub/negate/multiply/divide 1, exp/log/sqrt 10):
   * Matrix product (m×n)(n×p): m·p·(2n−1), i.e. n multiplies and n−1 adds per output. A

@@ -288,7 +288,9 @@ def add_attention_flops(B: int, nh: int, T: int, S: int, hd: int) -> None:
     add_matmul_flops("attn_v", B * nh, T, S, hd)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
     """softmax(q·kᵀ/√hd, masked)·v in plain ops: the reference, and the decoding path.
 
     q: (B, nh, T, hd); k, v: (B, n_kv, S, hd); mask: form 2 or 3 (see "masks" above).
