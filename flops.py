@@ -4,10 +4,11 @@
     python flops.py --ledger runs/ledger.jsonl   # what the runs so far have used
     python flops.py --json               # the same, machine-readable
 
-The model counts its own FLOPs as it runs (`with flops.count() as c: model(x)`; the rules sit
-next to each op in qwen_min/model.py). `forward_flops` below is the same rules in closed form,
-and tests/test_flops.py proves the two agree to the FLOP across configs, batch sizes, lengths,
-LoRA, prefill, KV-cache decode steps and generation.
+The model counts its own FLOPs as it runs (`with count_flops() as c: model(x)`, count_flops from
+qwen_min; the rules sit next to each op in qwen_min/model.py). `forward_flops` below is the
+same rules in closed form, and tests/test_flops.py proves the two agree to the FLOP across
+configs, batch sizes, lengths, LoRA, prefill, KV-cache decode steps and generation;
+tests/test_flops_independent.py checks both against totals worked out by hand.
 
 Conventions (the coursework's rules; costs: add/sub/negate/multiply/divide 1, exp/log/sqrt 10):
   * Matrix product (m×n)(n×p): m·p·(2n−1), i.e. n multiplies and n−1 adds per output. A
@@ -27,7 +28,8 @@ Conventions (the coursework's rules; costs: add/sub/negate/multiply/divide 1, ex
     head (rotate-half); the cos/sin tables are free (computing positional encodings is).
   * Cross-entropy per predicted position: V exp + (V−1) adds + 1 log + 1 subtract = 11V + 10,
     then the mean over rows = B·(T−1) (rows − 1 adds + 1 divide). Padding and −100 rows are
-    counted: they are computed, then ignored.
+    counted: they are computed, then ignored. The loss runs the LM head on those B·(T−1) rows
+    only: the last position predicts nothing, and its logits are never computed.
   * The embedding is a lookup: 0. Padding tokens are counted everywhere: they are computed.
   * Training step = 3 × forward (backward is exactly 2× forward), loss included.
   * Generation (qwen_min.generate) of N tokens = one prefill forward over the prompt with the
@@ -100,7 +102,8 @@ def forward_flops(
 
     batch × seq_len new tokens attend to `past` cached ones plus themselves (a KV-cache step
     when past > 0). `last_only`: the LM head runs on the last position only (generation).
-    `loss`: add the cross-entropy of `Qwen2ForCausalLM.loss` (a full pass, no cache).
+    `loss`: the pass of `Qwen2ForCausalLM.loss` (a full pass, no cache): the LM head on the
+    B·(T−1) positions that predict a next token, then the cross-entropy.
     `lora_dropout`: LoRA dropout is active (training with dropout > 0).
     """
     for name, v, low in (
@@ -143,7 +146,6 @@ def forward_flops(
             add(name + ".lora_scale", L * rows * d_out)
             add(name + ".lora_add", L * rows * d_out)
 
-    add("embedding", 0)
     add("rmsnorm", L * 2 * rows * (4 * d + 12))  # input_layernorm + post_attention_layernorm
     for name in ("q_proj", "k_proj", "v_proj"):
         linear(name)
@@ -156,15 +158,16 @@ def forward_flops(
     linear("o_proj")
     linear("gate_proj")
     linear("up_proj")
-    add("silu", L * 13 * rows * f)
-    add("swiglu_mul", L * rows * f)
+    add("swiglu", L * 14 * rows * f)  # silu 13 per element, then ⊙ up(x)
     linear("down_proj")
     add("residual", L * 2 * rows * d)
     add("final_norm", rows * (4 * d + 12))  # on every position, also when last_only
-    add("lm_head", matmul(batch if last_only else rows, d, V))
-    if loss:
+    if loss:  # the head runs on the B·(T−1) rows that predict a next token, not the last
         loss_rows = batch * (T - 1)
+        add("lm_head", matmul(loss_rows, d, V))
         add("loss", loss_rows * (11 * V + 10) + loss_rows)
+    else:
+        add("lm_head", matmul(batch if last_only else rows, d, V))
     return out
 
 

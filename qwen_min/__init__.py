@@ -10,6 +10,7 @@ from .model import (
     Qwen2Config,
     Qwen2ForCausalLM,
     count_flops,
+    padding_mask_or_none,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
+    "padding_mask_or_none",
 ]

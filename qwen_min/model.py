@@ -1,16 +1,20 @@
-"""Qwen2 (Qwen2.5-0.5B-Instruct) in one file: config → FLOP hooks → Linear/LoRA → RMSNorm →
-RoPE → attention → MLP → block → model (+ loss) → KV cache.
+"""Qwen2, the architecture of Qwen2.5-0.5B-Instruct, in one file and in reading order:
+
+    config → FLOP hooks and Linear → RMSNorm → RoPE → masks → attention → MLP → block
+    → model → LM head and loss → KV cache → LoRA
 
 It matches transformers' `Qwen2ForCausalLM` (modeling_qwen2.py) logit for logit: the module
 names below are the checkpoint keys (`model.layers.3.self_attn.q_proj.weight`, ...), so a
 Hugging Face safetensors file loads with no key map (see qwen_min/loading.py).
 
-Two things live inside the model code on purpose:
-  * LoRA (`LoRALinear`): a low-rank update on any projection, in PEFT's layout.
+Two things ride along with the architecture:
   * FLOP hooks: every operation adds its cost, by the coursework's rules, to the active
     `count_flops()` counter, with the rule written next to the op. Costs: add/sub/neg/mul/div 1,
     exp/log/sqrt 10, and an (m×n)(n×p) matrix product m·p·(2n−1). flops.py is the closed form
     of the same rules, and tests/test_flops.py proves the two agree exactly.
+  * LoRA (`LoRALinear`, last in the file): `lora.apply_lora` swaps it in for q_proj and v_proj.
+
+docs/reading-guide.md traces one forward pass through this file with Qwen2.5-0.5B's shapes.
 """
 
 from __future__ import annotations
@@ -136,11 +140,9 @@ def add_matmul_flops(name: str, batch: int, m: int, n: int, p: int) -> None:
         _counter.matmul_outputs += batch * m * p
 
 
-# ----------------------------------------------------------------------------- linear + LoRA
-
-
 class Linear(nn.Linear):
-    """y = x Wᵀ (+ b). Every matmul of the model goes through here, so it is counted here."""
+    """y = x Wᵀ (+ b). Every matrix product of the model with a weight goes through here, so
+    it is counted here, under the projection's name ("q_proj", "lm_head", ...)."""
 
     def __init__(self, d_in: int, d_out: int, bias: bool, flop_name: str):
         super().__init__(d_in, d_out, bias=bias)
@@ -153,67 +155,6 @@ class Linear(nn.Linear):
         if self.bias is not None:
             add_flops(self.flop_name + ".bias", rows * self.out_features)  # one add per output
         return F.linear(x, self.weight, self.bias)
-
-
-class LoRALinear(Linear):
-    """LoRA (Hu et al. 2021): y = x W₀ᵀ + b + (alpha/r) · x Aᵀ Bᵀ, A: (r, d_in), B: (d_out, r).
-
-    W₀ and b keep their checkpoint keys; `lora_A`/`lora_B` are the only new tensors. A starts
-    kaiming-uniform(a=√5) and B at zero (PEFT's init), so a fresh adapter changes nothing.
-    `merge()` folds ΔW = (alpha/r)·B·A into W₀ (in fp32) for fast inference; `unmerge()` puts
-    back the W₀ that merge set aside, because (W₀ + ΔW) − ΔW is not bit-exactly W₀ in floating
-    point. A and B are created in fp32 whatever the base dtype, so they can train in bf16 models.
-    """
-
-    def __init__(self, base: Linear, rank: int, alpha: float, dropout: float = 0.0):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.flop_name = base.flop_name
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters, not copies
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        fp32 = dict(device=base.weight.device, dtype=torch.float32)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **fp32))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **fp32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.register_buffer("unmerged_weight", None, persistent=False)  # W₀ while merged
-        self.train(base.training)
-
-    @property
-    def merged(self) -> bool:
-        return self.unmerged_weight is not None
-
-    def delta_weight(self) -> torch.Tensor:  # (d_out, d_in), in fp32 or wider (fp64 models)
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.unmerged_weight = self.weight.detach().clone()
-            delta = self.delta_weight()
-            self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.weight.copy_(self.unmerged_weight)
-            self.unmerged_weight = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        if self.merged:
-            return y
-        rows, name = x.numel() // self.in_features, self.flop_name + ".lora"
-        if self.training and isinstance(self.lora_dropout, nn.Dropout):
-            add_flops(name + "_dropout", rows * self.in_features)  # multiply by the scaled mask
-        h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))  # (..., r)
-        add_matmul_flops(name + "_A", 1, rows, self.in_features, self.rank)  # rows·r·(2·d_in − 1)
-        h = F.linear(h, self.lora_B.to(x.dtype))  # (..., d_out)
-        add_matmul_flops(name + "_B", 1, rows, self.rank, self.out_features)  # rows·d_out·(2r − 1)
-        add_flops(name + "_scale", rows * self.out_features)  # · alpha/r
-        add_flops(name + "_add", rows * self.out_features)  # + to the base output
-        return y + h * self.scaling
 
 
 # ----------------------------------------------------------------------------- RMSNorm
@@ -268,75 +209,148 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+# ----------------------------------------------------------------------------- masks
+#
+# The one place that defines masks. "mask" has three forms in this file:
+#
+#   1. attention_mask (B, S), from the caller: 1 = real token, 0 = padding (on the left), over
+#      the S = cached + new positions. A batch without padding is passed as None: the model
+#      never inspects the values to find that out, because a branch on tensor data breaks
+#      torch.compile's graph (the caller decides, with `padding_mask_or_none`), and None lets
+#      SDPA run its faster causal kernel.
+#   2. mask (B, 1, T, S), boolean, built by `attention_mask_4d`: True where query t may attend
+#      to key s. The 1 broadcasts over heads.
+#   3. mask None inside the attention: causal with no padding, which is either a prefill
+#      (T = S, query t sees keys 0..t) or one new query per row (T = 1, it sees every key).
+#
+# Positions come from form 1 too: a left-padded row's first real token is position 0.
+
+
+def padding_mask_or_none(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """For callers, outside the model: None when no position is padding (form 1's None)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def attention_mask_4d(key_mask: torch.Tensor, T: int) -> torch.Tensor:
+    """Form 1 (B, S) → form 2 (B, 1, T, S), for the last T of the S positions as queries.
+
+    Query i may see key j if j is at or before it and j is a real token. Every query also sees
+    itself, so a padding query's row is not all −inf (a softmax of NaNs); its output is never
+    used."""
+    S = key_mask.shape[1]
+    q_pos = torch.arange(S - T, S, device=key_mask.device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
+    allowed = (k_pos <= q_pos) & key_mask.bool()[:, None, :]  # (B, T, S)
+    return (allowed | (k_pos == q_pos))[:, None]  # (B, 1, T, S)
+
+
+def positions_and_mask(
+    attention_mask: torch.Tensor | None, B: int, T: int, past: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Position ids (B, T) of the T new tokens after `past` cached ones, and the attention's
+    mask: form 3 (None) where it suffices, else form 2."""
+    if attention_mask is None:
+        if past == 0 or T == 1:
+            return torch.arange(past, past + T, device=device).expand(B, T), None
+        # T > 1 new queries after cached keys: SDPA's is_causal would align the triangle at the
+        # top left (query 0 ↔ key 0), so the causal pattern must be spelled out
+        attention_mask = torch.ones(B, past + T, dtype=torch.long, device=device)
+    # the position of a token = how many real tokens precede it
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
+    return positions, attention_mask_4d(attention_mask, T)
+
+
 # ----------------------------------------------------------------------------- attention
+#
+# Grouped-query attention (GQA): Qwen2.5-0.5B has 14 query heads but only 2 key/value heads.
+# Each KV head serves 7 consecutive query heads:
+#
+#     query heads:  q0 q1 q2 q3 q4 q5 q6 | q7 q8 q9 q10 q11 q12 q13
+#     KV heads:            k0, v0        |             k1, v1
+#
+# So the queries (B, 14, T, hd) regroup as (B, 2, 7·T, hd): group g stacks the T query rows
+# of its 7 heads into one matrix, which multiplies k_g as it is; K and V are never copied.
 
 
-def grouped_attention(q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
-    """softmax(q kᵀ / √hd + mask) · v in explicit ops, in the precision of k and v.
+def add_attention_flops(B: int, nh: int, T: int, S: int, hd: int) -> None:
+    """Each of the B·nh query heads, over its full T×S score block (causally masked entries
+    are computed too; the mask only selects, at no cost):
+        scores   q·kᵀ      (T×hd)(hd×S)                      T·S·(2hd − 1)
+        scale    / √hd     one divide per score              T·S
+        softmax  per row of S scores: S exp (10 each) + (S−1) adds + S divides = 12S − 1
+                 (subtracting the row max first is a numerical device: not counted)
+        output   p·v       (T×S)(S×hd)                       T·hd·(2S − 1)"""
+    add_matmul_flops("attn_scores", B * nh, T, hd, S)
+    add_flops("attn_scale", B * nh * T * S)
+    add_flops("attn_softmax", B * nh * T * (12 * S - 1))
+    add_matmul_flops("attn_v", B * nh, T, S, hd)
 
-    q: (B, nh, T, hd); k, v: (B, n_kv, S, hd); mask: (B, 1, T, S) boolean, or None (causal).
-    The n_rep query heads of a KV head are stacked into one matrix, so K and V are used as
-    they are, never repeated. For one query per head (each decoding step) this is several
-    times faster on CPU than SDPA's kernel, and it reads the fp32 KV cache in fp32."""
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """softmax(q·kᵀ/√hd, masked)·v in plain ops: the reference, and the decoding path.
+
+    q: (B, nh, T, hd); k, v: (B, n_kv, S, hd); mask: form 2 or 3 (see "masks" above).
+    Runs in the precision of k and v: the KV cache's fp32 when decoding under bf16 autocast."""
     B, nh, T, hd = q.shape
     nkv, S = k.shape[1], k.shape[2]
     rep = nh // nkv
-    if mask is None and T > 1:  # a prefill (S = T): causal
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None, None]
+    if mask is None and T > 1:  # form 3, a prefill: query t sees keys 0..t
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None, None]  # (1,1,T,S)
     with torch.autocast(q.device.type, enabled=False):  # autocast would round k, v to bf16
-        qg = q.reshape(B, nkv, rep * T, hd).to(k.dtype)  # (B, n_kv, rep·T, hd)
+        qg = q.reshape(B, nkv, rep * T, hd).to(k.dtype)  # (B, n_kv, rep·T, hd): the regrouping
         scores = (qg @ k.transpose(-1, -2)) / math.sqrt(hd)  # (B, n_kv, rep·T, S)
-        scores = scores.view(B, nkv, rep, T, S)
-        if mask is not None:
-            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # (B, 1, 1, T, S)
-        p = scores.float().softmax(-1).to(v.dtype).view(B, nkv, rep * T, S)
-        return (p @ v).view(B, nh, T, hd).to(q.dtype)  # (B, n_kv, rep·T, hd) → (B, nh, T, hd)
+        scores = scores.view(B, nkv, rep, T, S)  # (B, n_kv, rep, T, S)
+        if mask is not None:  # mask[:, :, None]: (B, 1, 1, T, S), the same for every head
+            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        weights = scores.float().softmax(-1).to(v.dtype).view(B, nkv, rep * T, S)
+        out = weights @ v  # (B, n_kv, rep·T, hd)
+    return out.view(B, nh, T, hd).to(q.dtype)  # (B, nh, T, hd)
 
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """The fast path for T > 1 (prefill, training): `attention` through torch's fused kernel,
+    equal to it by tests/test_fast_paths.py. It computes in q's dtype, so an fp32 KV cache is
+    cast down first. (With T = 1 and no mask, is_causal would hide all keys but the first.)"""
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None, enable_gqa=True)
 
 
 class Qwen2Attention(nn.Module):
-    """Grouped-query attention: 14 query heads share 2 key/value heads (7 each).
-
-        q heads:  q0 q1 … q6 | q7 q8 … q13        softmax(q kᵀ / √hd + mask) · v
-        kv heads:     k0/v0  |     k1/v1          q/k/v carry a bias, o_proj does not.
-    """
+    """q/k/v projections (with bias) → RoPE on q and k → KV cache → attention → o_proj."""
 
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
         self.cfg = cfg
         d, hd = cfg.hidden_size, cfg.head_dim
+        # LoRA enters here: lora.apply_lora replaces q_proj and v_proj (its default targets) by
+        # LoRALinear (end of this file), which keeps this weight and adds (alpha/r)·x·Aᵀ·Bᵀ.
+        # k_proj/v_proj run at their real width d → n_kv·hd (896 → 128) and are counted so
         self.q_proj = Linear(d, cfg.num_attention_heads * hd, bias=True, flop_name="q_proj")
         self.k_proj = Linear(d, cfg.num_key_value_heads * hd, bias=True, flop_name="k_proj")
         self.v_proj = Linear(d, cfg.num_key_value_heads * hd, bias=True, flop_name="v_proj")
         self.o_proj = Linear(cfg.num_attention_heads * hd, d, bias=False, flop_name="o_proj")
-        self.eager = False  # True: explicit matmul/softmax (torch's FlopCounterMode can see it)
+        self.use_sdpa = True  # False: `attention` for every T (FlopCounterMode sees its matmuls)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         cfg, (B, T, _) = self.cfg, x.shape
         hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
-        # k_proj/v_proj count at the width that runs (d → n_kv·hd); flops.py also gives the
-        # coursework's "GQA costs the same as MHA" figure (d → d)
         q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, S, hd), S = cached + T
-        S = k.shape[2]
-        # every query head scores its own T×S block, the full square even where causal masks it;
-        # the mask selects (−inf where not allowed) and does no arithmetic
-        add_matmul_flops("attn_scores", B * nh, T, hd, S)  # (T×hd)(hd×S) per head
-        add_flops("attn_scale", B * nh * T * S)  # one divide by the constant √hd per score
-        # per row of S scores: S exp (10 each) + (S−1) adds + S divides = 12S − 1; subtracting
-        # the row max first (for stability) does not change the function and is not counted
-        add_flops("attn_softmax", B * nh * T * (12 * S - 1))
-        add_matmul_flops("attn_v", B * nh, T, S, hd)  # (T×S)(S×hd) per head
-        if self.eager or T == 1:  # one query per head (decoding): explicit ops are faster
-            out = grouped_attention(q, k, v, mask)
-        else:  # SDPA computes in q's dtype; the KV cache keeps fp32 (see KVCache)
-            k, v = k.to(q.dtype), v.to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None,
-                                                 enable_gqa=True)  # fmt: skip
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hd): the cached keys, then these T
+        add_attention_flops(B, nh, T, k.shape[2], hd)
+        if self.use_sdpa and T > 1:
+            out = sdpa_attention(q, k, v, mask)
+        else:  # one query per head (decoding): on CPU the plain ops beat SDPA's kernel
+            out = attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, nh * hd))  # (B, T, d)
 
 
@@ -355,8 +369,7 @@ class Qwen2MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.gate_proj(x), self.up_proj(x)  # (B, T, f) each
-        add_flops("silu", g.numel() * 13)  # per element: negate 1, exp 10, add 1, divide 1
-        add_flops("swiglu_mul", g.numel())  # silu(g) ⊙ u
+        add_flops("swiglu", 14 * g.numel())  # silu: negate, exp (10), add, divide; then ⊙ u
         return self.down_proj(F.silu(g) * u)
 
 
@@ -364,7 +377,7 @@ class Qwen2MLP(nn.Module):
 
 
 class Qwen2DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
+    """Pre-norm block: h = x + attn(norm(x)), then h + mlp(norm(h))."""
 
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
@@ -374,37 +387,49 @@ class Qwen2DecoderLayer(nn.Module):
         self.mlp = Qwen2MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer: int) -> torch.Tensor:
+        add_flops("residual", 2 * x.numel())  # the two residual adds below
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
-        out = h + self.mlp(self.post_attention_layernorm(h))
-        add_flops("residual", 2 * x.numel())  # two residual adds
-        return out
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 # ----------------------------------------------------------------------------- model
 
 
-def attention_mask_4d(key_mask: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, S) 1 = real token / 0 = padding  →  boolean (B, 1, T, S) for the last T queries.
-
-    Query i may see key j if j is at or before it and j is a real token. Every query also sees
-    itself, so left-padding rows are not all −inf (their outputs are never used)."""
-    S = key_mask.shape[1]
-    q_pos = torch.arange(S - T, S, device=key_mask.device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
-    allowed = (k_pos <= q_pos) & key_mask.bool()[:, None, :]  # (B, T, S)
-    return (allowed | (k_pos == q_pos))[:, None]  # (B, 1, T, S)
-
-
 class Qwen2Model(nn.Module):
+    """Token ids → embedding → the decoder layers → final RMSNorm."""
+
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
+        self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "final_norm")
 
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) → final-normed hidden states (B, T, d).
+
+        attention_mask: form 1 (see "masks"), over the cached tokens plus these T; None for a
+        batch without padding. No branch here looks at tensor values (torch.compile)."""
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        positions, mask = positions_and_mask(attention_mask, B, T, past, input_ids.device)
+        x = self.embed_tokens(input_ids)  # (B, T, d): a table lookup, no arithmetic to count
+        cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)  # (B, T, hd) each
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------- head and loss
+
 
 class Qwen2ForCausalLM(nn.Module):
-    """`model(input_ids, attention_mask)` → logits (B, T, vocab)."""
+    """`model(input_ids, attention_mask)` → logits (B, T, vocab); `model.loss(...)` to train."""
 
     def __init__(self, cfg: Qwen2Config):
         super().__init__()
@@ -419,11 +444,11 @@ class Qwen2ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def set_attention(self, impl: str) -> None:
-        """'sdpa' (fast, default) or 'eager' (explicit ops, for torch's FlopCounterMode)."""
+        """'sdpa' (fast, default) or 'eager' (`attention` always, for torch's FlopCounterMode)."""
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"attention impl must be 'sdpa' or 'eager', got {impl!r}")
         for layer in self.model.layers:
-            layer.self_attn.eager = impl == "eager"
+            layer.self_attn.use_sdpa = impl == "sdpa"
 
     def hidden_states(
         self,
@@ -431,31 +456,8 @@ class Qwen2ForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) → final-normed hidden states (B, T, d).
-
-        attention_mask (B, S) covers the cached tokens plus these T (S = cached + T); positions
-        come from it, so a left-padded prompt starts at position 0 at its first real token."""
-        B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        S = past + T
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: the same as no mask, and SDPA runs faster without
-        if attention_mask is None:
-            positions = torch.arange(past, S, device=input_ids.device).expand(B, T)
-            # one query sees every key, and a prefill is plain causal (SDPA's is_causal); only
-            # T > 1 new tokens after cached ones need a mask (is_causal aligns it top-left)
-            mask = None if past == 0 or T == 1 else attention_mask_4d(input_ids.new_ones(B, S), T)
-        else:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
-            mask = attention_mask_4d(attention_mask, T)
-        add_flops("embedding", 0)  # a table lookup: data movement, no arithmetic
-        x = self.model.embed_tokens(input_ids)  # (B, T, d)
-        cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, mask, cache, i)
-        if cache is not None:
-            cache.length += T
-        return self.model.norm(x)
+        """Final-normed hidden states (B, T, d), before the head (see Qwen2Model.forward)."""
+        return self.model(input_ids, attention_mask, cache)
 
     def forward(
         self,
@@ -465,7 +467,7 @@ class Qwen2ForCausalLM(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only (generation)."""
-        h = self.hidden_states(input_ids, attention_mask, cache)
+        h = self.model(input_ids, attention_mask, cache)
         return self.lm_head(h[:, -1:] if last_only else h)
 
     def loss(
@@ -475,13 +477,10 @@ class Qwen2ForCausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy; labels (B, T) are the input ids with −100 where no loss
-        is taken (padding). Position t predicts label t+1, as in transformers."""
-        h = self.hidden_states(input_ids, attention_mask)  # (B, T, d)
-        # = cross_entropy(self.lm_head(h)[:, :-1], labels[:, 1:]), without the (B, T, V) logits;
-        # that form also runs the head on the last position (which predicts nothing), and
-        # flops.py counts it so: count those B rows here too
-        B, d, V = h.shape[0], self.cfg.hidden_size, self.cfg.vocab_size
-        add_matmul_flops(self.lm_head.flop_name, 1, B, d, V)
+        is taken. Position t predicts label t+1, as in transformers: the last position predicts
+        nothing, so the head never runs (and is not counted) there.
+        attention_mask: None for a batch without padding (see "masks")."""
+        h = self.model(input_ids, attention_mask)  # (B, T, d)
         return linear_cross_entropy(h[:, :-1], self.lm_head, labels[:, 1:])  # (B, T−1) rows
 
 
@@ -511,14 +510,14 @@ def linear_cross_entropy(
     ((softmax − onehot) / n) · W, is computed at once in the forward pass: only that
     (rows, d) tensor waits for backward. The head is frozen under LoRA; if its weight does
     train, its gradient ((softmax − onehot) / n)ᵀ · h is accumulated the same way.
-    Same loss, gradients and counted FLOPs as the plain path (tests/test_model.py)."""
+    Same loss, gradients and counted FLOPs as the plain path (tests/test_fast_paths.py)."""
     if head.bias is not None:
         raise ValueError("linear_cross_entropy supports a head without bias (as Qwen2's)")
     d, V = head.in_features, head.out_features
     rows = h.numel() // d
     add_matmul_flops(head.flop_name, 1, rows, d, V)  # rows·V·(2d − 1), as Linear counts it
     add_loss_flops(rows, V)
-    h, targets = h.reshape(rows, d), targets.reshape(rows)
+    h, targets = h.reshape(rows, d), targets.reshape(rows)  # (rows, d), (rows,)
     return ChunkedLinearCrossEntropy.apply(h, head.weight, targets, chunk_rows)
 
 
@@ -528,8 +527,10 @@ def linear_cross_entropy(
 class KVCache:
     """Preallocated keys and values, (layers, B, n_kv, max_len, hd); `length` slots are filled.
 
-    generate() keeps them in fp32 even under bf16 autocast (generate.cache_dtype): bf16 values
-    are stored exactly, and each decoding step's attention then runs in fp32."""
+    Each forward pass writes its T new positions in every layer (`update`); the last layer's
+    write advances `length`. `rewind(n)` forgets everything after the first n positions.
+    generate() keeps the cache in fp32 even under bf16 autocast (generate.cache_dtype): bf16
+    values are stored exactly, and each decoding step's attention then runs in fp32."""
 
     def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, dtype, device):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -544,10 +545,94 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.k.shape[3]} positions, {end} were asked for")
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv, S, hd)
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv, S, hd)
+        if layer == self.k.shape[0] - 1:  # every layer holds the T new positions now
+            self.length = end
+        return keys, values
+
+    def rewind(self, length: int) -> None:
+        """Keep the first `length` positions; the next write goes after them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"KV cache rewind to {length}: expected 0 ≤ length ≤ {self.length}")
+        self.length = length
 
     def rows(self, rows: slice) -> KVCache:
-        """A view of some batch rows, with its own `length`: what it writes lands here."""
+        """A view of some batch rows, with its own `length`: what it writes lands here, and
+        this cache's `length` stays as it is."""
         view = copy.copy(self)
         view.k, view.v = self.k[:, rows], self.v[:, rows]
         return view
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+class LoRALinear(Linear):
+    """LoRA (Hu et al. 2021): y = x W₀ᵀ + b + (alpha/r) · x Aᵀ Bᵀ, A: (r, d_in), B: (d_out, r).
+
+    What `lora.apply_lora` puts in place of a projection (q_proj and v_proj by default; see
+    Qwen2Attention). W₀ and b keep their checkpoint keys; `lora_A`/`lora_B` are the only new
+    tensors. A starts kaiming-uniform(a=√5) and B at zero (PEFT's init), so a fresh adapter
+    changes nothing. `merge()` folds ΔW = (alpha/r)·B·A into W₀ (in fp32) for fast inference;
+    `unmerge()` puts back the W₀ that merge set aside, because (W₀ + ΔW) − ΔW is not bit-exactly
+    W₀ in floating point. A and B are created in fp32 whatever the base dtype, so they can train
+    in bf16 models.
+    """
+
+    def __init__(self, base: Linear, rank: int, alpha: float, dropout: float = 0.0):
+        # nn.Module's init, not Linear's: Linear's would allocate and randomly fill a new
+        # weight, where this layer shares the base layer's Parameters
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.flop_name = base.flop_name
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters, not copies
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        fp32 = dict(device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **fp32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **fp32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("unmerged_weight", None, persistent=False)  # W₀ while merged
+        self.train(base.training)
+
+    @property
+    def merged(self) -> bool:
+        return self.unmerged_weight is not None
+
+    def delta_weight(self) -> torch.Tensor:  # (d_out, d_in), in fp32 or wider (fp64 models)
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.unmerged_weight = self.weight.detach().clone()
+            delta = self.delta_weight()
+            self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_(self.unmerged_weight)
+            self.unmerged_weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)  # x W₀ᵀ + b, counted by Linear
+        if self.merged:
+            return y
+        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        self.add_update_flops(x.numel() // self.in_features, dropout)
+        h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))  # (..., r)
+        h = F.linear(h, self.lora_B.to(x.dtype))  # (..., d_out)
+        return y + h * self.scaling
+
+    def add_update_flops(self, rows: int, dropout: bool) -> None:
+        """The update's cost for `rows` input rows, under "<projection>.lora_*"."""
+        name, r = self.flop_name + ".lora", self.rank
+        d_in, d_out = self.in_features, self.out_features
+        if dropout:
+            add_flops(name + "_dropout", rows * d_in)  # multiply by the scaled keep-mask
+        add_matmul_flops(name + "_A", 1, rows, d_in, r)  # (rows×d_in)(d_in×r)
+        add_matmul_flops(name + "_B", 1, rows, r, d_out)  # (rows×r)(r×d_out)
+        add_flops(name + "_scale", rows * d_out)  # · alpha/r
+        add_flops(name + "_add", rows * d_out)  # + the base output

@@ -1,11 +1,15 @@
 """Every speed shortcut in qwen_min against the plain computation it replaces.
 
   * the chunked loss (linear_cross_entropy) == cross_entropy over the full logits: value,
-    gradients (LoRA, and a head that trains) and counted FLOPs;
-  * an all-ones attention mask takes the mask-free causal path: same logits as the masked one;
-  * grouped_attention (decoding, eager) == SDPA, and the fp32 KV cache under bf16 autocast;
+    gradients (LoRA, and a head that trains) and counted FLOPs (less the head rows it skips);
+  * no mask (SDPA's is_causal) == an explicit all-ones mask == the row inside a padded batch;
+  * the plain `attention` (reference, decoding) == SDPA, and the fp32 KV cache under bf16
+    autocast;
   * a bf16 base with fp32 LoRA tensors trains under autocast;
-  * generate's prefill in parts of a few rows == the whole batch at once.
+  * generate's prefill in parts of a few rows == the whole batch at once;
+  * the training forward has no graph break for torch.compile; the KV cache keeps its length.
+
+Each bound is set from the difference measured on this machine (written beside it).
 """
 
 from __future__ import annotations
@@ -18,7 +22,13 @@ import flops
 from lora import apply_lora, lora_parameters
 from qwen_min import KVCache, Qwen2Config, Qwen2ForCausalLM, count_flops, generate
 from qwen_min.generate import cache_dtype
-from qwen_min.model import attention_mask_4d, cross_entropy, grouped_attention, linear_cross_entropy
+from qwen_min.model import (
+    attention,
+    attention_mask_4d,
+    cross_entropy,
+    linear_cross_entropy,
+    padding_mask_or_none,
+)
 
 CFG = Qwen2Config(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
@@ -53,6 +63,11 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got − want| over max |want|: one scale per tensor, so tiny entries do not dominate."""
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
 def test_chunked_loss_equals_cross_entropy_with_lora():
     model = build(lora_rank=2)
     ids, labels, mask = batch()
@@ -64,9 +79,9 @@ def test_chunked_loss_equals_cross_entropy_with_lora():
     fused.backward()
     got = grads(model)
     assert set(got) == set(want) == set(lora_parameters(model))
-    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert fused.item() == pytest.approx(plain.item(), rel=1e-6)  # measured: equal
+    for name in want:  # measured: ≤ 3.2e-7 (summation order)
+        assert relative_error(got[name], want[name]) <= 1e-6, name
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 5, 256])
@@ -84,20 +99,24 @@ def test_chunked_loss_gradients_when_the_head_trains(chunk_rows, tied):
     linear_cross_entropy(h, model.lm_head, labels[:, 1:], chunk_rows).backward()
     got = grads(model)
     assert set(got) == set(want) and model.lm_head.weight.grad is not None
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name in want:  # measured: ≤ 1.2e-7 absolute
+        assert (got[name] - want[name]).abs().max().item() <= 4e-7, name
 
 
-def test_chunked_loss_counts_what_the_plain_loss_counts():
+def test_chunked_loss_counts_what_the_plain_loss_counts_less_the_last_positions():
+    """The plain form runs the head on every position; the chunked loss skips the B = 3 last
+    positions (they predict nothing): 3 rows · V 101 · (2d − 1) 63 = 19,089 FLOPs fewer."""
     model = build(lora_rank=2)
     ids, labels, mask = batch()
     with torch.no_grad(), count_flops() as plain:
         plain_loss(model, ids, labels, mask)
     with torch.no_grad(), count_flops() as fused:
         model.loss(ids, labels, mask)
-    assert dict(fused) == dict(plain)
-    want = flops.forward_flops(CFG, 3, 13, lora_rank=2, loss=True)
-    assert dict(fused) == want
+    assert plain["lm_head"] - fused["lm_head"] == 3 * 101 * 63
+    assert {k: v for k, v in fused.items() if k != "lm_head"} == {
+        k: v for k, v in plain.items() if k != "lm_head"
+    }
+    assert dict(fused) == flops.forward_flops(CFG, 3, 13, lora_rank=2, loss=True)
 
 
 def test_chunked_loss_under_bf16_autocast_matches_plain():
@@ -112,10 +131,11 @@ def test_chunked_loss_under_bf16_autocast_matches_plain():
         fused = model.loss(ids, labels, mask)
     fused.backward()
     got = grads(model)
-    # the same bf16 products in both; only summation order differs
+    # the same bf16 products in both; only summation order could differ. Measured: the loss
+    # and every gradient equal (difference 0.0); a 1e-4 bound catches a 1% error anywhere
     assert fused.item() == pytest.approx(plain.item(), rel=1e-4)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=2e-2, atol=1e-4, msg=name)
+        assert relative_error(got[name], want[name]) <= 1e-4, name
 
 
 def test_chunked_loss_rejects_a_head_with_bias():
@@ -125,22 +145,29 @@ def test_chunked_loss_rejects_a_head_with_bias():
         linear_cross_entropy(torch.zeros(2, 4), head, torch.zeros(2, dtype=torch.long))
 
 
-def test_all_ones_mask_gives_the_logits_of_the_masked_path():
-    """Row 1 has no padding. Alone, with an all-ones mask, it takes the mask-free causal path;
-    beside a padded row it goes through the explicit mask. Same logits."""
+def test_no_mask_equals_an_explicit_mask():
+    """Row 0 of `batch` has no padding. With no mask it takes SDPA's is_causal; with an
+    all-ones mask, and beside a padded row, the explicit (B, 1, T, S) mask. Same logits."""
     model = build().eval()
     ids, _, mask = batch()
     with torch.no_grad():
-        masked_path = model(ids[[1, 0]], mask[[1, 0]])[1]  # row 0 of `batch` is unpadded
-        mask_free = model(ids[:1], torch.ones_like(ids[:1]))[0]
         no_mask = model(ids[:1])[0]
-    assert torch.equal(mask_free, no_mask)
-    assert (masked_path - mask_free).abs().max().item() <= 1e-5
+        all_ones = model(ids[:1], torch.ones_like(ids[:1]))[0]
+        beside_padding = model(ids[[1, 0]], mask[[1, 0]])[1]
+    assert no_mask.abs().max().item() > 30  # logits up to ~40: one fp32 step there is 3.8e-6
+    assert (all_ones - no_mask).abs().max().item() <= 4e-6  # measured: 0.0
+    assert (beside_padding - no_mask).abs().max().item() <= 4e-6  # measured: 0.0
+
+
+def test_callers_drop_a_mask_without_padding():
+    ones, padded = torch.ones(2, 5, dtype=torch.long), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert padding_mask_or_none(ones) is None and padding_mask_or_none(None) is None
+    assert padding_mask_or_none(padded).tolist() == [[0, 1, 1], [1, 1, 1]]
 
 
 @pytest.mark.parametrize("T, S", [(1, 9), (6, 6), (3, 10)])
 @pytest.mark.parametrize("padded", [False, True])
-def test_grouped_attention_equals_sdpa(T, S, padded):
+def test_plain_attention_equals_sdpa(T, S, padded):
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 6, T, 8, generator=g)
     k, v = torch.randn(2, 3, S, 8, generator=g), torch.randn(2, 3, S, 8, generator=g)
@@ -149,18 +176,23 @@ def test_grouped_attention_equals_sdpa(T, S, padded):
     mask = attention_mask_4d(key_mask, T) if padded or T != S else None
     want = F.scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None and T > 1,
                                           enable_gqa=True)  # fmt: skip
-    got = grouped_attention(q, k, v, mask)
-    assert (got - want).abs().max().item() <= 1e-6
+    got = attention(q, k, v, mask)
+    assert (got - want).abs().max().item() <= 5e-7  # measured: ≤ 2.4e-7
 
 
-def test_eager_attention_is_causal_without_a_mask():
+@pytest.mark.parametrize("padded", [False, True])
+def test_eager_attention_gives_the_logits_of_sdpa(padded):
+    """The whole model through `attention` (eager) and through `sdpa_attention`: unpadded
+    (form 3: causal with no mask) and left-padded (form 2)."""
     model = build().eval()
-    ids = batch()[0][:1]
+    ids, _, mask = batch()
+    mask = mask if padded else None
     with torch.no_grad():
-        want = model(ids)
+        want = model(ids, mask)
         model.set_attention("eager")
-        got = model(ids)
-    assert (got - want).abs().max().item() <= 1e-5
+        got = model(ids, mask)
+    real = torch.ones_like(ids).bool() if mask is None else mask.bool()
+    assert (got - want)[real].abs().max().item() <= 1.5e-5  # measured: 3.8e-6, 7.6e-6 padded
 
 
 def test_fp32_kv_cache_decoding_under_bf16_autocast_matches_a_full_pass():
@@ -177,7 +209,8 @@ def test_fp32_kv_cache_decoding_under_bf16_autocast_matches_a_full_pass():
         tokens, logits = generate(model, ids[:, :6], 4, mask[:, :6])
     stepped = torch.cat(steps, 1).float()
     real = mask.bool()
-    assert (stepped - full)[real].abs().max().item() <= 0.02 * full[real].abs().max().item()
+    assert full[real].abs().max().item() < 64  # where one bf16 step is 0.25
+    assert (stepped - full)[real].abs().max().item() <= 0.5  # measured: 0.25, one bf16 step
     assert cache.k.dtype == torch.float32 and logits.dtype == torch.float32
     assert tokens[:, 0].tolist() == full[:, 5].argmax(-1).tolist()
 
@@ -213,6 +246,37 @@ def test_prefill_in_row_parts_equals_one_pass():
         runs[rows] = tokens, logits, cache, c.total
     (t2, l2, c2, f2), (t5, l5, c5, f5) = runs[2], runs[5]
     assert t2.tolist() == t5.tolist() and f2 == f5
-    assert (l2 - l5).abs().max().item() <= 1e-5
+    assert (l2 - l5).abs().max().item() <= 8e-6  # measured: 3.8e-6 (logits up to ~40)
     assert c2.length == c5.length == 12
-    assert (c2.k - c5.k).abs().max().item() <= 1e-5 and c2.k.abs().sum() > 0
+    assert (c2.k - c5.k).abs().max().item() <= 1e-6 and c2.k.abs().sum() > 0  # measured: 0.0
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_training_forward_has_no_graph_break(padded):
+    """torch.compile can take model.loss whole: no branch on tensor values in the model (the
+    caller passes None for a batch without padding) and none in the chunked loss."""
+    model = build(lora_rank=2)
+    ids, labels, mask = batch()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.loss)(ids, labels, mask if padded else None)
+    assert [str(b.reason) for b in explained.break_reasons] == []
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+def test_kv_cache_advances_its_own_length_and_rewinds():
+    model = build().eval()
+    ids = batch()[0]
+    cache = KVCache(CFG, 3, 16, torch.float32, "cpu")
+    with torch.no_grad():
+        model(ids[:, :5], cache=cache)
+        assert cache.length == 5
+        model(ids[:, 5:6], cache=cache)
+        assert cache.length == 6
+        cache.rewind(5)
+        again = model(ids[:, 5:6], cache=cache)
+        full = model(ids[:, :6])
+    assert cache.length == 6
+    assert (again[:, 0] - full[:, 5]).abs().max().item() <= 4e-6  # measured: 1.9e-6
+    with pytest.raises(ValueError) as e:
+        cache.rewind(7)
+    assert str(e.value) == "KV cache rewind to 7: expected 0 ≤ length ≤ 6"

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import flops
 from lora import apply_lora, merge_lora
-from qwen_min import KVCache, Qwen2Config, Qwen2ForCausalLM, generate
+from qwen_min import KVCache, Qwen2Config, Qwen2ForCausalLM, count_flops, generate
 
 CONFIGS = {
     # head_dim 8, 2 query heads per KV head
@@ -43,7 +43,7 @@ def ids(cfg: Qwen2Config, batch: int, length: int, seed: int = 0) -> torch.Tenso
 
 
 def counted(fn, *args, **kwargs) -> dict[str, int]:
-    with torch.no_grad(), flops.count() as c:
+    with torch.no_grad(), count_flops() as c:
         fn(*args, **kwargs)
     return dict(c)
 
@@ -110,7 +110,7 @@ def test_generation_equals_closed_form(name, lora):
     mask = torch.ones_like(x)
     mask[1, :3] = 0
     for new_tokens in (1, 5):
-        with flops.count() as c:
+        with count_flops() as c:
             tokens, _ = generate(model, x, new_tokens, attention_mask=mask)
         assert tokens.shape == (2, new_tokens)
         assert c.total == flops.generation_flops(cfg, 2, 7, new_tokens, rank, targets)
@@ -120,7 +120,7 @@ def test_training_forward_with_lora_dropout_equals_closed_form():
     cfg = CONFIGS["gqa"]
     model = build(cfg, 4, ("q_proj", "k_proj", "down_proj"), dropout=0.1).train()
     x = ids(cfg, 2, 8)
-    with flops.count() as c:
+    with count_flops() as c:
         model.loss(x, x).backward()  # the backward pass is not counted: only 2× the forward
     targets = ("q_proj", "k_proj", "down_proj")
     kw = dict(lora_rank=4, lora_targets=targets, loss=True, lora_dropout=True)
@@ -168,7 +168,7 @@ def test_matmuls_agree_with_torch_flop_counter(name):
     model.set_attention("eager")
     cache = KVCache(cfg, 2, 12, torch.float32, "cpu")
     for x, past in [(ids(cfg, 2, 10), 0), (ids(cfg, 2, 1, seed=1), 10)]:
-        with torch.no_grad(), FlopCounterMode(display=False) as torch_count, flops.count() as c:
+        with torch.no_grad(), FlopCounterMode(display=False) as torch_count, count_flops() as c:
             model(x, cache=cache)
         ours = flops.matmul_subtotal(dict(c))
         assert ours + c.matmul_outputs == torch_count.get_total_flops(), past
@@ -181,7 +181,8 @@ def test_matmuls_agree_with_torch_flop_counter(name):
 def independent_forward(cfg: Qwen2Config, batch: int, T: int) -> tuple[int, int]:
     """(forward + loss, lm_head) for a full pass, from the model's actual weight shapes
     (a Linear (in→out) costs 2·in·out − out per token, + out for a bias) and the attention
-    and element-wise terms regrouped per token and per head."""
+    and element-wise terms regrouped per token and per head. The loss pass runs the head on
+    the B·(T−1) predicting positions: the `batch` last positions' head rows come off."""
     with torch.device("meta"):
         model = Qwen2ForCausalLM(cfg)
     tokens = batch * T
@@ -195,7 +196,10 @@ def independent_forward(cfg: Qwen2Config, batch: int, T: int) -> tuple[int, int]
     attention = L * batch * nh * ((4 * hd + 12) * T * T - (hd + 1) * T)
     per_token = L * (8 * d + 24 + (nh + nkv) * hd * 7 // 2 + 14 * f + 2 * d) + 4 * d + 12
     loss = batch * (T - 1) * (11 * V + 11)
-    return linear + attention + tokens * per_token + loss, tokens * (2 * d * V - V)
+    head_per_row = 2 * d * V - V
+    return linear - batch * head_per_row + attention + tokens * per_token + loss, (
+        tokens * head_per_row
+    )
 
 
 def test_qwen25_05b_training_step_magnitude():
@@ -228,7 +232,7 @@ def test_plan_equals_running_it():
     model = build(cfg, 2, flops.DEFAULT_TARGETS)
     x = ids(cfg, 3, 8)
     forward = sum(counted(model.loss, x, x).values())
-    with flops.count() as c:
+    with count_flops() as c:
         generate(model, ids(cfg, 1, 6), 3)
     result = flops.plan_flops(plan, cfg, budget=1e9)
     assert result["train_flops"] == 2 * 3 * forward
