@@ -14,6 +14,8 @@ batched runs equal unbatched ones and seeded runs reproduce exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .grammar import QWEN2_SEMICOLON_ID, LLMTimeGrammar
@@ -125,6 +127,28 @@ def sample_tokens(scores: torch.Tensor, keys: torch.Tensor, temperature: float,
     return (z + g).argmax(-1)
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """Where each of the R = B·N rows draws from: sample `sample[r]` of seed `seeds[r]`."""
+
+    seeds: torch.Tensor  # (R,) int64: the prompt's seed, N times
+    sample: torch.Tensor  # (R,) int64: 0 … N−1, for each prompt
+    temperature: float
+    top_p: float
+
+    @classmethod
+    def for_prompts(cls, seeds: torch.Tensor, n: int, temperature: float, top_p: float,
+                    device: torch.device) -> Sampler:
+        """n samples of each prompt; seeds (B,), one per prompt."""
+        return cls(seeds.to(device=device, dtype=torch.long).repeat_interleave(n),
+                   torch.arange(n, device=device).repeat(len(seeds)), temperature, top_p)
+
+    def choose(self, scores: torch.Tensor, step: int) -> torch.Tensor:
+        """(R,) tokens drawn from scores (R, V) at decoding step `step`."""
+        keys = stream_keys(self.seeds, self.sample, step)
+        return sample_tokens(scores, keys, self.temperature, self.top_p)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -145,6 +169,18 @@ def check_arguments(B: int, max_new_tokens: int, prefill_rows: int, n_steps: int
     if seeds is not None and tuple(seeds.shape) != (B,):
         raise ValueError(f"seeds must have shape ({B},), one per prompt, got "
                          f"{tuple(seeds.shape)}")
+
+
+def finished(next_token: torch.Tensor, steps_written: torch.Tensor, eos_token_id: int | None,
+             n_steps: int | None) -> torch.Tensor:
+    """(R,) rows that finish with this token: it is eos, or it completed their n_steps-th step
+    (steps_written (R,) counts the ';' written so far, this token included)."""
+    now = torch.zeros_like(next_token, dtype=torch.bool)
+    if eos_token_id is not None:
+        now |= next_token == eos_token_id
+    if n_steps is not None:
+        now |= steps_written >= n_steps
+    return now
 
 
 @torch.no_grad()
@@ -195,17 +231,15 @@ def generate(
         raise ValueError(f"generate needs an empty KV cache, this one holds {cache.length}")
 
     step_logits = prefill(model, input_ids, mask[:, :T], cache, prefill_rows)  # (B, V)
-    run_cache, rows = cache, B
-    if samples:
-        rows = B * samples
+    run_cache, sampler = cache, None
+    if samples:  # N rows per prompt from here on: row b·N + s
         run_cache = expand_cache(cache, model, samples)
         mask = mask.repeat_interleave(samples, 0)  # (B·N, T + max_new_tokens)
         step_logits = step_logits.repeat_interleave(samples, 0)  # (B·N, V)
-        if seeds is None:
+        if seeds is None:  # then torch.manual_seed makes the run reproducible
             seeds = torch.randint(0, 2**31 - 1, (B,))
-        row_seeds = seeds.to(device=device, dtype=torch.long).repeat_interleave(samples)
-        row_sample = torch.arange(samples, device=device).repeat(B)  # (B·N,): 0..N−1, B times
-    V = step_logits.shape[-1]
+        sampler = Sampler.for_prompts(seeds, samples, temperature, top_p, device)
+    rows, V = step_logits.shape
     tables = grammar.tables(V, device) if grammar is not None else None
     state = tables.start(rows) if tables is not None else None
     fill = QWEN2_EOS_ID if eos_token_id is None else eos_token_id
@@ -223,31 +257,18 @@ def generate(
         if logits is not None:
             logits[:, i] = raw
         scores = tables.mask(raw, state) if tables is not None else raw
-        if samples:
-            keys = stream_keys(row_seeds, row_sample, i)
-            next_token = sample_tokens(scores, keys, temperature, top_p)
-        else:
-            next_token = scores.argmax(-1)  # (R,)
+        # greedy: argmax, a selection (0 FLOPs)
+        next_token = sampler.choose(scores, i) if sampler is not None else scores.argmax(-1)
         if tables is not None:
             state = torch.where(done, state, tables.advance(state, next_token))
         tokens[:, i] = next_token.masked_fill(done, fill)
         # a finished row keeps feeding the token it finished with (the model's own, so in its
         # vocabulary even when the fill is not); its outputs are never used
         fed = next_token if fed is None else torch.where(done, fed, next_token)
-        done |= finished(next_token, steps_written, eos_token_id, n_steps, semicolon)
+        steps_written += next_token == semicolon
+        done |= finished(next_token, steps_written, eos_token_id, n_steps)
         if (eos_token_id is not None or n_steps is not None) and bool(done.all()):
             break
     n = i + 1
     return tokens[:, :n], (logits[:, :n] if logits is not None else None)
 
-
-def finished(next_token: torch.Tensor, steps_written: torch.Tensor, eos_token_id: int | None,
-             n_steps: int | None, semicolon: int) -> torch.Tensor:
-    """(R,) rows that finish with this token: eos, or their n_steps-th ';' (counted in place)."""
-    now = torch.zeros_like(next_token, dtype=torch.bool)
-    if eos_token_id is not None:
-        now |= next_token == eos_token_id
-    if n_steps is not None:
-        steps_written += next_token == semicolon
-        now |= steps_written >= n_steps
-    return now
