@@ -10,7 +10,7 @@ import torch
 import data
 import flops
 from lora import apply_lora
-from qwen_min import Qwen2Config, Qwen2ForCausalLM, generate, load_model, load_tokenizer
+from qwen_min import KVCache, Qwen2Config, Qwen2ForCausalLM, generate, load_model, load_tokenizer
 from qwen_min.generate import sample_tokens, stream_keys
 from qwen_min.grammar import LLMTimeGrammar
 
@@ -256,3 +256,18 @@ def test_bad_arguments_say_what_was_expected(kw, message):
     with pytest.raises(ValueError) as e:
         generate(model, torch.tensor([[1, 2, 3]]), 4, **kw)
     assert str(e.value) == message
+
+
+def test_sampled_run_leaves_the_prompt_in_the_callers_cache():
+    model = _lora_model()
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    greedy_cache = KVCache(CFG, 2, 6 + 5, torch.float32, "cpu")
+    sampled_cache = KVCache(CFG, 2, 6 + 5, torch.float32, "cpu")
+    generate(model, ids, 5, cache=greedy_cache)
+    tokens, logits = generate(model, ids, 5, cache=sampled_cache, samples=3,
+                              seeds=torch.tensor([1, 2]), return_logits=False)
+    assert tokens.shape == (6, 5) and logits is None
+    assert sampled_cache.length == 6  # the prompt, ready for evaluate.py's teacher-forced pass
+    assert torch.equal(sampled_cache.k[:, :, :, :6], greedy_cache.k[:, :, :, :6])
+    assert torch.equal(sampled_cache.v[:, :, :, :6], greedy_cache.v[:, :, :, :6])
+    assert not sampled_cache.k[:, :, :, 6:].any()  # the samples decoded in a cache of their own
