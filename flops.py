@@ -220,11 +220,14 @@ def generation_flops(
     gqa: str = "real",
     samples: int = 0,
     top_p: float = 1.0,
+    sample_tokens: int | None = None,
 ) -> int:
     """`qwen_min.generate` running `new_tokens` steps: the prefill over the prompt for the
     `batch` prompts (once, also when sampling), then new_tokens − 1 decode steps for
     batch·max(samples, 1) rows, step i attending to prompt_len + i positions. With samples, each
-    step also pays `sampling_flops`. The grammar mask and the greedy argmax are free."""
+    step also pays `sampling_flops` over `sample_tokens` candidates: under a grammar only its
+    tokens are drawn from (len(LLMTimeGrammar.token_ids), 13 at decimals > 0), None = the
+    whole vocabulary. The grammar mask and the greedy argmax are free."""
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be ≥ 1, got {new_tokens}")
     if samples < 0:
@@ -235,12 +238,13 @@ def generation_flops(
     for past in range(prompt_len, prompt_len + new_tokens - 1):
         total += sum(forward_flops(cfg, rows, 1, past=past, **kw).values())
     if samples:
-        total += new_tokens * sampling_flops(rows, cfg.vocab_size, top_p)
+        candidates = cfg.vocab_size if sample_tokens is None else sample_tokens
+        total += new_tokens * sampling_flops(rows, candidates, top_p)
     return total
 
 
 def sampling_flops(rows: int, vocab_size: int, top_p: float = 1.0) -> int:
-    """Choosing one sampled token for each of `rows` rows from V = vocab_size logits:
+    """Choosing one sampled token for each of `rows` rows from V = vocab_size candidate logits:
     z = logits / temperature (V divides); with top_p < 1 the nucleus: softmax (12V − 1), cumsum
     (V − 1 adds) and the mass before each token (V subtracts); Gumbel-max: u from the hash
     (+ 0.5, × 2⁻²³), −log(−log u) (2 logs, 2 negates): 24 per logit, then z + g (V adds)."""

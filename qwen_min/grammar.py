@@ -39,6 +39,7 @@ class GrammarTables:
     allowed: torch.Tensor  # (S, V) bool: token allowed in state
     next_state: torch.Tensor  # (S, 5) long: state after a token of each class, −1 not allowed
     token_class: torch.Tensor  # (V,) long: DIGIT, DOT, COMMA, SEMICOLON or OTHER
+    token_ids: torch.Tensor  # (C,) long: the ids some state allows (LLMTimeGrammar.token_ids)
 
     def start(self, rows: int) -> torch.Tensor:
         """(rows,) states at the start of a step (the prompt ends with ';')."""
@@ -94,6 +95,12 @@ class LLMTimeGrammar:
         return cls(decimals, max_int_digits, tuple(token_id(str(d)) for d in range(10)),
                    token_id("."), token_id(","), token_id(";"))
 
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """The ids the grammar can ever emit, ascending: 13, or 12 with no '.' at 0 decimals."""
+        dot = (self.dot_id,) if self.decimals else ()
+        return tuple(sorted((*self.digit_ids, *dot, self.comma_id, self.semicolon_id)))
+
     def max_new_tokens(self, n_steps: int) -> int:
         """The longest n-step forecast the grammar allows: each value max_int_digits digits
         (+ '.' and `decimals` digits), two values, ',' and ';' per step."""
@@ -145,4 +152,6 @@ class LLMTimeGrammar:
             [DOT, COMMA, SEMICOLON])
         next_state = torch.tensor(self.transitions(), dtype=torch.long)  # (S, 5)
         allowed = (next_state != NOT_ALLOWED)[:, token_class]  # (S, 5) → (S, V)
-        return GrammarTables(allowed.to(device), next_state.to(device), token_class.to(device))
+        token_ids = torch.tensor(self.token_ids, device=device)
+        return GrammarTables(allowed.to(device), next_state.to(device), token_class.to(device),
+                             token_ids)

@@ -11,7 +11,7 @@ import data
 import flops
 from lora import apply_lora
 from qwen_min import KVCache, Qwen2Config, Qwen2ForCausalLM, generate, load_model, load_tokenizer
-from qwen_min.generate import sample_tokens, stream_keys
+from qwen_min.generate import Sampler, sample_tokens, stream_keys
 from qwen_min.grammar import LLMTimeGrammar
 
 PAD = data.PAD_ID
@@ -187,6 +187,19 @@ def test_seeded_sampling_reproduces_and_batched_equals_unbatched(model, tokenize
         assert tokens[4 * b : 4 * b + 4, :n].tolist() == alone.tolist()  # rows b·N + s
 
 
+def test_drawing_from_the_grammar_tokens_only_equals_drawing_from_all():
+    g = LLMTimeGrammar(2)
+    tables = g.tables(512)
+    state = torch.randint(0, len(g.state_names), (64,), generator=torch.Generator().manual_seed(0))
+    scores = tables.mask(torch.randn(64, 512, generator=torch.Generator().manual_seed(1)), state)
+    for top_p in (1.0, 0.7):
+        every = Sampler.for_prompts(torch.tensor([3, 4]), 32, None, 0.8, top_p)
+        grammar_only = Sampler.for_prompts(torch.tensor([3, 4]), 32, tables.token_ids, 0.8, top_p)
+        want = every.choose(scores, 5)
+        assert grammar_only.choose(scores, 5).tolist() == want.tolist()
+        assert len(set(want.tolist())) >= 8  # many different draws were compared
+
+
 def test_samples_at_temperature_near_zero_equal_greedy(model, tokenizer):
     ids, mask, _ = series_prompts(tokenizer, 3, seed=5)
     g = LLMTimeGrammar(2)
@@ -203,10 +216,11 @@ def test_samples_at_temperature_near_zero_equal_greedy(model, tokenizer):
 def test_gumbel_max_draws_from_the_tempered_nucleus():
     scores = torch.tensor([[2.0, 1.0, 0.5, -1.0, float("-inf")]]).expand(40_000, 5)
     keys = stream_keys(torch.full((40_000,), 42), torch.arange(40_000), 0)
-    freq = torch.bincount(sample_tokens(scores, keys, 2.0, 1.0), minlength=5) / 40_000
+    ids = torch.arange(5)
+    freq = torch.bincount(sample_tokens(scores, keys, ids, 2.0, 1.0), minlength=5) / 40_000
     want = torch.softmax(scores[0] / 2.0, -1)  # [0.404, 0.245, 0.191, 0.090, 0]
     assert (freq - want).abs().max() <= 0.01  # measured 0.0029 (4e4 draws: σ ≈ 0.0025)
-    freq = torch.bincount(sample_tokens(scores, keys, 2.0, 0.6), minlength=5) / 40_000
+    freq = torch.bincount(sample_tokens(scores, keys, ids, 2.0, 0.6), minlength=5) / 40_000
     kept = want[:2] / want[:2].sum()  # mass before token 2 is 0.649 ≥ 0.6: dropped
     assert freq[2:].tolist() == [0, 0, 0] and (freq[:2] - kept).abs().max() <= 0.01  # 0.002
 
@@ -218,20 +232,23 @@ CFG = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidde
                   num_attention_heads=4, num_key_value_heads=2)
 
 
-@pytest.mark.parametrize("samples, top_p", [(0, 1.0), (3, 1.0), (3, 0.8)])
-def test_hooks_equal_closed_form_greedy_constrained_and_sampled(samples, top_p):
+@pytest.mark.parametrize("samples, top_p, grammar", [
+    (0, 1.0, LLMTimeGrammar(1)), (3, 1.0, LLMTimeGrammar(1)), (3, 0.8, LLMTimeGrammar(0)),
+    (3, 0.8, None), (3, 1.0, None)])  # fmt: skip
+def test_hooks_equal_closed_form_greedy_constrained_and_sampled(samples, top_p, grammar):
     model = _lora_model()
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    g = LLMTimeGrammar(1)
     with flops.count() as c:
-        tokens, _ = generate(model, ids, g.max_new_tokens(2), mask, grammar=g, n_steps=1,
-                             samples=samples, top_p=top_p, seeds=torch.tensor([4, 5]))
-    n = tokens.shape[1]  # the steps run: all rows stop at their first ';'
-    assert tokens.shape[0] == 2 * max(samples, 1) and n <= g.max_new_tokens(1)
+        tokens, _ = generate(model, ids, 24, mask, grammar=grammar, n_steps=1, samples=samples,
+                             top_p=top_p, seeds=torch.tensor([4, 5]))
+    n = tokens.shape[1]  # the steps run: with the grammar, rows stop at their first ';'
+    assert tokens.shape[0] == 2 * max(samples, 1) and (n < 24) == (grammar is not None)
+    candidates = len(grammar.token_ids) if grammar is not None else None  # 13, 12 at 0 decimals
     assert c.total == flops.generation_flops(CFG, 2, 7, n, 2, ("q_proj", "v_proj"),
-                                             samples=samples, top_p=top_p)
+                                             samples=samples, top_p=top_p,
+                                             sample_tokens=candidates)
     # the prefill runs once for the 2 prompts: the LM head sees 2 rows, then 2·N per step
     assert c["lm_head"] == (2 + 2 * max(samples, 1) * (n - 1)) * 97 * (2 * 32 - 1)
 
