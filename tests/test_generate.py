@@ -114,8 +114,9 @@ def test_constrained_batched_equals_unbatched(model, tokenizer):
         n = alone.shape[1]
         assert tokens[i, :n].tolist() == alone[0].tolist()
         assert (tokens[i, n:] == PAD).all()
-        # measured max difference 1.9e-6 (padding changes the batched kernels' sums)
-        assert (logits[i, :n] - alone_logits[0]).abs().max() <= 1e-4
+        # measured max difference 4.6e-6 on logits up to 5.3 (batch and padding change the
+        # kernels' summation order)
+        assert (logits[i, :n] - alone_logits[0]).abs().max() <= 2e-5
 
 
 # ----------------------------------------------------------------------------- n_steps and eos
@@ -218,11 +219,12 @@ def test_gumbel_max_draws_from_the_tempered_nucleus():
     keys = stream_keys(torch.full((40_000,), 42), torch.arange(40_000), 0)
     ids = torch.arange(5)
     freq = torch.bincount(sample_tokens(scores, keys, ids, 2.0, 1.0), minlength=5) / 40_000
-    want = torch.softmax(scores[0] / 2.0, -1)  # [0.404, 0.245, 0.191, 0.090, 0]
-    assert (freq - want).abs().max() <= 0.01  # measured 0.0029 (4e4 draws: σ ≈ 0.0025)
+    want = torch.softmax(scores[0] / 2.0, -1)  # [0.434, 0.263, 0.205, 0.097, 0]
+    assert (freq - want).abs().max() <= 0.005  # measured 7.5e-4 (4e4 draws: σ ≤ 0.0025)
     freq = torch.bincount(sample_tokens(scores, keys, ids, 2.0, 0.6), minlength=5) / 40_000
-    kept = want[:2] / want[:2].sum()  # mass before token 2 is 0.649 ≥ 0.6: dropped
-    assert freq[2:].tolist() == [0, 0, 0] and (freq[:2] - kept).abs().max() <= 0.01  # 0.002
+    kept = want[:2] / want[:2].sum()  # mass before token 2 is 0.698 ≥ 0.6: dropped
+    assert freq[2:].tolist() == [0, 0, 0]
+    assert (freq[:2] - kept).abs().max() <= 0.005  # measured 1.3e-3
 
 
 # ----------------------------------------------------------------------------- FLOPs and input
