@@ -165,6 +165,7 @@ class Sampler:
 def check_arguments(B: int, max_new_tokens: int, prefill_rows: int, n_steps: int | None,
                     samples: int, temperature: float, top_p: float,
                     seeds: torch.Tensor | None) -> None:
+    """A ValueError that names the argument, what was expected and what it got."""
     if max_new_tokens < 1 or prefill_rows < 1:
         raise ValueError(f"max_new_tokens and prefill_rows must be ≥ 1, got {max_new_tokens} "
                          f"and {prefill_rows}")
