@@ -221,16 +221,41 @@ def generation_flops(
     lora_rank: int = 0,
     lora_targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
     gqa: str = "real",
+    samples: int = 0,
+    top_p: float = 1.0,
+    sample_tokens: int | None = None,
 ) -> int:
-    """`qwen_min.generate` of `new_tokens` tokens (no early EOS stop): the prefill over the
-    prompt, then new_tokens − 1 decode steps, step i attending to prompt_len + i positions."""
+    """`qwen_min.generate` running `new_tokens` steps: the prefill over the prompt for the
+    `batch` prompts (once, also when sampling), then new_tokens − 1 decode steps for
+    batch·max(samples, 1) rows, step i attending to prompt_len + i positions. With samples, each
+    step also pays `sampling_flops` over `sample_tokens` candidates: under a grammar only its
+    tokens are drawn from (len(LLMTimeGrammar.token_ids), 13 at decimals > 0), None = the
+    whole vocabulary. The grammar mask and the greedy argmax are free."""
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be ≥ 1, got {new_tokens}")
+    if samples < 0:
+        raise ValueError(f"samples must be ≥ 0 (0 = greedy), got {samples}")
+    rows = batch * max(samples, 1)
     kw = dict(lora_rank=lora_rank, lora_targets=lora_targets, gqa=gqa, last_only=True)
     total = sum(forward_flops(cfg, batch, prompt_len, **kw).values())
     for past in range(prompt_len, prompt_len + new_tokens - 1):
-        total += sum(forward_flops(cfg, batch, 1, past=past, **kw).values())
+        total += sum(forward_flops(cfg, rows, 1, past=past, **kw).values())
+    if samples:
+        candidates = cfg.vocab_size if sample_tokens is None else sample_tokens
+        total += new_tokens * sampling_flops(rows, candidates, top_p)
     return total
+
+
+def sampling_flops(rows: int, vocab_size: int, top_p: float = 1.0) -> int:
+    """Choosing one sampled token for each of `rows` rows from V = vocab_size candidate logits:
+    z = logits / temperature (V divides); with top_p < 1 the nucleus: softmax (12V − 1), cumsum
+    (V − 1 adds) and the mass before each token (V subtracts); Gumbel-max: u from the hash
+    (+ 0.5, × 2⁻²³), −log(−log u) (2 logs, 2 negates): 24 per logit, then z + g (V adds)."""
+    V = vocab_size
+    per_row = V + 24 * V + V
+    if top_p < 1.0:
+        per_row += (12 * V - 1) + (V - 1) + V
+    return rows * per_row
 
 
 # ----------------------------------------------------------------------------- the plan

@@ -1,10 +1,27 @@
-"""Greedy, batched generation with the KV cache."""
+"""Batched generation with the KV cache: greedy or sampled, free or held to the LLMTIME grammar.
+
+One call = the prompts' prefill (once, for the B prompts) → with `samples` = N, the prompt's keys
+and values copied to N rows per prompt → one token per step for every row:
+
+    raw logits (returned as they are) → grammar mask → argmax (greedy)
+                                                     or Gumbel-max sample (temperature, top-p)
+    → rows that have finished (eos, or their n_steps-th ';') write eos from then on.
+
+Sampling draws its noise from an integer hash of (seed, sample, step, token) rather than from a
+torch generator: sample s of a prompt sees the same noise in any batch, on any device, so
+batched runs equal unbatched ones and seeded runs reproduce exactly.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .model import KVCache, Qwen2ForCausalLM
+from .grammar import QWEN2_SEMICOLON_ID, LLMTimeGrammar
+from .model import KVCache, Qwen2ForCausalLM, add_flops
+
+QWEN2_EOS_ID = 151643  # <|endoftext|>, Qwen2's padding token (data.PAD_ID): the default fill
 
 
 def cache_dtype(model: Qwen2ForCausalLM, device: torch.device | None = None) -> torch.dtype:
@@ -12,6 +29,169 @@ def cache_dtype(model: Qwen2ForCausalLM, device: torch.device | None = None) -> 
     and values are stored exactly, and each decoding step's attention reads them in fp32
     (qwen_min.model.grouped_attention): more precise, and on CPU faster than bf16."""
     return torch.promote_types(model.lm_head.weight.dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------- KV cache steps
+
+
+def prefill(model: Qwen2ForCausalLM, input_ids: torch.Tensor, mask: torch.Tensor,
+            cache: KVCache, prefill_rows: int) -> torch.Tensor:
+    """The whole prompt into `cache`, `prefill_rows` rows at a time; (B, V) last-position logits.
+
+    Rows at a time: the same work, but on CPU the activations of a few rows stay in cache (a
+    batch of 32 prefills ~15% faster in rows of 4)."""
+    B, T = input_ids.shape
+    rows = [slice(r, r + prefill_rows) for r in range(0, B, prefill_rows)]
+    logits = torch.cat(
+        [model(input_ids[r], mask[r], cache.rows(r), last_only=True) for r in rows]
+    )[:, -1]  # (B, 1, V) → (B, V)
+    cache.length = T  # each row view advanced its own length
+    return logits
+
+
+def expand_cache(cache: KVCache, model: Qwen2ForCausalLM, n: int) -> KVCache:
+    """A new cache of B·n rows (row b·n + s = prompt b) holding `cache`'s filled positions:
+    the prompt's keys and values are copied, not recomputed."""
+    k = cache.k[:, :, :, : cache.length]  # (layers, B, n_kv, T, hd)
+    rows, room = k.shape[1] * n, cache.k.shape[3]
+    out = KVCache(model.cfg, rows, room, cache.k.dtype, cache.k.device)
+    out.k[:, :, :, : cache.length] = k.repeat_interleave(n, dim=1)  # (layers, B·n, n_kv, T, hd)
+    out.v[:, :, :, : cache.length] = cache.v[:, :, :, : cache.length].repeat_interleave(n, dim=1)
+    out.length = cache.length
+    return out
+
+
+def decode_step(model: Qwen2ForCausalLM, last: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
+    """One token per row (R,) against the cache; mask (R, S) covers cache + this token → (R, V)."""
+    return model(last[:, None], mask, cache, last_only=True)[:, -1]  # (R, 1) → (R, 1, V) → (R, V)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+MASK32 = 0xFFFFFFFF
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash of 32-bit values held in int64 (xorshift-multiply rounds, as in Chris
+    Wellons' lowbias32). The multipliers are < 2³¹, so no int64 product overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x68E31DA5) & MASK32
+    return x ^ (x >> 16)
+
+
+def stream_keys(seeds: torch.Tensor, sample: torch.Tensor, step: int) -> torch.Tensor:
+    """(R,) keys of the noise streams: a function of (seed, sample, step) only."""
+    key = mix32(mix32(seeds & MASK32) ^ ((seeds >> 32) & MASK32))
+    return mix32(mix32(key ^ sample) ^ step)
+
+
+def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """(R, C) fp32 Gumbel(0, 1) noise, −log(−log u), u from the hash of (key, token id): a
+    token's noise is the same whichever other tokens are drawn from."""
+    bits = mix32(mix32(keys[:, None] ^ token_ids))  # (R, C), 32 random bits each
+    # per element: + 0.5 and × 2⁻²³ (2), log (10), negate (1), log (10), negate (1) = 24.
+    # 23 bits keep u in (0, 1) exactly in fp32: never 0 or 1, so both logs are finite
+    add_flops("sample_noise", 24 * bits.numel())
+    u = ((bits >> 9).float() + 0.5) * 2.0**-23
+    return -torch.log(-torch.log(u))
+
+
+def nucleus(z: torch.Tensor, top_p: float) -> torch.Tensor:
+    """z (R, V) with −inf outside each row's top-p nucleus: the most likely tokens whose mass
+    before them is < top_p (so the most likely token always stays)."""
+    R, V = z.shape
+    # softmax: V exp (10 each) + V−1 adds + V divides = 12V − 1 per row (as in attention);
+    # cumsum V − 1 adds, then V subtracts for the mass before each token; sorting compares only
+    add_flops("sample_top_p", R * (12 * V - 1) + R * (V - 1) + R * V)
+    probs = z.softmax(-1)
+    sorted_probs, order = probs.sort(-1, descending=True)  # (R, V) each
+    drop_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to token order
+    return z.masked_fill(drop, float("-inf"))
+
+
+def sample_tokens(scores: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor,
+                  temperature: float, top_p: float) -> torch.Tensor:
+    """Gumbel-max: argmax(z + g), g ~ Gumbel(0, 1), draws from softmax(z), z = scores / T.
+
+    scores (R, C) are the logits of the tokens `token_ids` (C,); returns (R,) token ids."""
+    R, V = scores.shape
+    add_flops("sample_temperature", R * V)  # one divide per logit
+    z = scores / temperature
+    if top_p < 1.0:
+        z = nucleus(z, top_p)
+    g = gumbel_noise(keys, token_ids)
+    add_flops("sample_gumbel_add", R * V)  # z + g; the argmax compares only
+    return token_ids[(z + g).argmax(-1)]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Where each of the R = B·N rows draws from: sample `sample[r]` of seed `seeds[r]`, over
+    `token_ids` only (C,): under a grammar its 13 tokens, the others have probability 0 anyway;
+    the same draws as over all V tokens (tests/test_generate.py), at a 10⁴th of the work."""
+
+    seeds: torch.Tensor  # (R,) int64: the prompt's seed, N times
+    sample: torch.Tensor  # (R,) int64: 0 … N−1, for each prompt
+    token_ids: torch.Tensor | None  # (C,) the only tokens that can be drawn; None: all V
+    temperature: float
+    top_p: float
+
+    @classmethod
+    def for_prompts(cls, seeds: torch.Tensor, n: int, token_ids: torch.Tensor | None,
+                    temperature: float, top_p: float) -> Sampler:
+        """n samples of each prompt; seeds (B,), one per prompt, on the device of token_ids."""
+        device = seeds.device if token_ids is None else token_ids.device
+        return cls(seeds.to(device=device, dtype=torch.long).repeat_interleave(n),
+                   torch.arange(n, device=device).repeat(len(seeds)), token_ids, temperature,
+                   top_p)
+
+    def choose(self, scores: torch.Tensor, step: int) -> torch.Tensor:
+        """(R,) tokens drawn from scores (R, V) at decoding step `step`."""
+        keys, ids = stream_keys(self.seeds, self.sample, step), self.token_ids
+        if ids is None:
+            ids = torch.arange(scores.shape[1], device=scores.device)
+        else:
+            scores = scores[:, ids]  # (R, V) → (R, C)
+        return sample_tokens(scores, keys, ids, self.temperature, self.top_p)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def check_arguments(B: int, max_new_tokens: int, prefill_rows: int, n_steps: int | None,
+                    samples: int, temperature: float, top_p: float,
+                    seeds: torch.Tensor | None) -> None:
+    """A ValueError that names the argument, what was expected and what it got."""
+    if max_new_tokens < 1 or prefill_rows < 1:
+        raise ValueError(f"max_new_tokens and prefill_rows must be ≥ 1, got {max_new_tokens} "
+                         f"and {prefill_rows}")
+    if n_steps is not None and n_steps < 1:
+        raise ValueError(f"n_steps must be ≥ 1 (or None), got {n_steps}")
+    if samples < 0:
+        raise ValueError(f"samples must be ≥ 0 (0 = greedy), got {samples}")
+    if samples and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if samples and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if seeds is not None and tuple(seeds.shape) != (B,):
+        raise ValueError(f"seeds must have shape ({B},), one per prompt, got "
+                         f"{tuple(seeds.shape)}")
+
+
+def finished(next_token: torch.Tensor, steps_written: torch.Tensor, eos_token_id: int | None,
+             n_steps: int | None) -> torch.Tensor:
+    """(R,) rows that finish with this token: it is eos, or it completed their n_steps-th step
+    (steps_written (R,) counts the ';' written so far, this token included)."""
+    now = torch.zeros_like(next_token, dtype=torch.bool)
+    if eos_token_id is not None:
+        now |= next_token == eos_token_id
+    if n_steps is not None:
+        now |= steps_written >= n_steps
+    return now
 
 
 @torch.no_grad()
@@ -23,22 +203,34 @@ def generate(
     eos_token_id: int | None = None,
     cache: KVCache | None = None,
     prefill_rows: int = 4,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decoding of `max_new_tokens` tokens for a left-padded batch.
+    *,
+    grammar: LLMTimeGrammar | None = None,
+    n_steps: int | None = None,
+    samples: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seeds: torch.Tensor | None = None,
+    return_logits: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode up to `max_new_tokens` tokens for a left-padded batch of B prompts.
 
     input_ids, attention_mask: (B, T), padding on the left with mask 0.
-    Returns (tokens (B, N), logits (B, N, V) in fp32): logits[:, i] is the distribution that
-    tokens[:, i] was taken from. N = max_new_tokens, unless `eos_token_id` is given and every
-    row has produced it (rows that finished earlier are filled with eos from then on).
-    `cache`: an empty KVCache of your own with room for T + N positions, to reuse afterwards
-    (evaluate.py rewinds it to the prompt and runs the true continuation through it).
-    The prompt runs `prefill_rows` rows at a time: the same work, but on CPU the activations
-    of a few rows stay in cache (a batch of 32 prefills ~15% faster in rows of 4).
+    samples = 0: greedy, R = B rows. samples = N ≥ 1: N sampled continuations per prompt,
+    R = B·N rows, row b·N + s = sample s of prompt b; `seeds` (B,) int64 fixes each prompt's
+    samples (default: drawn from torch's global generator), `temperature` > 0, `top_p` ∈ (0, 1].
+    grammar: only tokens that LLMTimeGrammar allows are chosen (a mask; the logits stay raw).
+    n_steps: a row finishes with its n_steps-th ';'. eos_token_id: a row finishes when it writes
+    it. A finished row writes eos_token_id (with n_steps and no eos: Qwen2's <|endoftext|>) from
+    then on; the loop stops when every row has finished, or after max_new_tokens steps
+    (pass grammar.max_new_tokens(n_steps): the longest forecast the grammar allows).
+    Returns (tokens (R, n), logits (R, n, V) fp32 or None without `return_logits`), n ≤
+    max_new_tokens the steps run; logits[:, i] is what tokens[:, i] was chosen from.
+    `cache`: an empty KVCache of your own for the B prompts with room for T + max_new_tokens,
+    to reuse afterwards: it then holds the prompts in positions [0, T) (evaluate.py rewinds it
+    to T and runs the true continuation); samples decode in a cache of their own.
     """
-    if max_new_tokens < 1 or prefill_rows < 1:
-        raise ValueError(f"max_new_tokens and prefill_rows must be ≥ 1, got {max_new_tokens} "
-                         f"and {prefill_rows}")
     B, T = input_ids.shape
+    check_arguments(B, max_new_tokens, prefill_rows, n_steps, samples, temperature, top_p, seeds)
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -48,26 +240,47 @@ def generate(
         cache = KVCache(model.cfg, B, T + max_new_tokens, cache_dtype(model, device), device)
     elif cache.length != 0:
         raise ValueError(f"generate needs an empty KV cache, this one holds {cache.length}")
-    tokens = input_ids.new_zeros(B, max_new_tokens)
-    logits = torch.empty(B, max_new_tokens, model.cfg.vocab_size, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    step_logits = prefill(model, input_ids, mask[:, :T], cache, prefill_rows)  # (B, V)
+    tables = grammar.tables(step_logits.shape[1], device) if grammar is not None else None
+    run_cache, sampler = cache, None
+    if samples:  # N rows per prompt from here on: row b·N + s
+        run_cache = expand_cache(cache, model, samples)
+        mask = mask.repeat_interleave(samples, 0)  # (B·N, T + max_new_tokens)
+        step_logits = step_logits.repeat_interleave(samples, 0)  # (B·N, V)
+        if seeds is None:  # then torch.manual_seed makes the run reproducible
+            seeds = torch.randint(0, 2**31 - 1, (B,))
+        token_ids = tables.token_ids if tables is not None else None
+        sampler = Sampler.for_prompts(seeds.to(device), samples, token_ids, temperature, top_p)
+    rows, V = step_logits.shape
+    state = tables.start(rows) if tables is not None else None
+    fill = QWEN2_EOS_ID if eos_token_id is None else eos_token_id
+    semicolon = grammar.semicolon_id if grammar is not None else QWEN2_SEMICOLON_ID
+    tokens = input_ids.new_zeros(rows, max_new_tokens)
+    logits = torch.empty(rows, max_new_tokens, V, device=device) if return_logits else None
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    steps_written = torch.zeros(rows, dtype=torch.long, device=device)
+    fed = None
 
     for i in range(max_new_tokens):
-        if i == 0:  # prefill: the whole prompt, logits of its last position only
-            rows = [slice(r, r + prefill_rows) for r in range(0, B, prefill_rows)]
-            step_logits = torch.cat(
-                [model(input_ids[r], mask[r, :T], cache.rows(r), last_only=True) for r in rows]
-            )[:, -1]  # (B, V)
-            cache.length = T
-        else:  # decode: one token against the cache
-            last = tokens[:, i - 1 : i]  # (B, 1)
-            step_logits = model(last, mask[:, : T + i], cache, last_only=True)[:, -1]
-        logits[:, i] = step_logits.float()
-        next_token = step_logits.argmax(-1)  # (B,)
-        if eos_token_id is not None:
-            next_token = next_token.masked_fill(done, eos_token_id)
-            done |= next_token == eos_token_id
-        tokens[:, i] = next_token
-        if eos_token_id is not None and bool(done.all()):
+        if i > 0:
+            step_logits = decode_step(model, fed, mask[:, : T + i], run_cache)
+        raw = step_logits.float()
+        if logits is not None:
+            logits[:, i] = raw
+        scores = tables.mask(raw, state) if tables is not None else raw
+        # greedy: argmax, a selection (0 FLOPs)
+        next_token = sampler.choose(scores, i) if sampler is not None else scores.argmax(-1)
+        if tables is not None:
+            state = torch.where(done, state, tables.advance(state, next_token))
+        tokens[:, i] = next_token.masked_fill(done, fill)
+        # a finished row keeps feeding the token it finished with (the model's own, so in its
+        # vocabulary even when the fill is not); its outputs are never used
+        fed = next_token if fed is None else torch.where(done, fed, next_token)
+        steps_written += next_token == semicolon
+        done |= finished(next_token, steps_written, eos_token_id, n_steps)
+        if (eos_token_id is not None or n_steps is not None) and bool(done.all()):
             break
-    return tokens[:, : i + 1], logits[:, : i + 1]
+    n = i + 1
+    return tokens[:, :n], (logits[:, :n] if logits is not None else None)
+
