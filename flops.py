@@ -34,6 +34,9 @@ Conventions (the coursework's rules; costs: add/sub/negate/multiply/divide 1, ex
   * Training step = 3 × forward (backward is exactly 2× forward), loss included.
   * Generation (qwen_min.generate) of N tokens = one prefill forward over the prompt with the
     LM head on the last position only, then N−1 one-token decode forwards against the KV cache.
+    Sampled (N samples per prompt): the prefill once per prompt, the decode steps for every
+    sample, plus the sampling arithmetic per token (`sampling_flops`, over the grammar's 13
+    tokens when constrained). Grammar masks and argmax are selections: free.
   * LoRA (unmerged) per adapted projection: x·Aᵀ, (·)·Bᵀ, ×alpha/r, + base output (and a
     dropout multiply per input element while training with dropout). A merged adapter is free.
 """
@@ -46,10 +49,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qwen_min.model import Qwen2Config, count_flops
+from qwen_min.model import Qwen2Config
 from qwen_min.runtime import atomic_write_bytes
-
-count = count_flops  # `with flops.count() as c:` → c["lm_head"], c.total, ...
 
 BUDGET = 1e17
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -71,7 +71,7 @@ def main() -> None:
 
     @torch.no_grad()
     def step():
-        cache.length = args.past  # the same step every time
+        cache.rewind(args.past)  # the same step every time
         model(token, cache=cache, last_only=True)
 
     for _ in range(3):

@@ -27,7 +27,7 @@ QWEN2_EOS_ID = 151643  # <|endoftext|>, Qwen2's padding token (data.PAD_ID): the
 def cache_dtype(model: Qwen2ForCausalLM, device: torch.device | None = None) -> torch.dtype:
     """fp32 (fp64 for an fp64 model) on every device, under bf16 autocast too: the bf16 keys
     and values are stored exactly, and each decoding step's attention reads them in fp32
-    (qwen_min.model.grouped_attention): more precise, and on CPU faster than bf16."""
+    (qwen_min.model.attention): more precise, and on CPU faster than bf16."""
     return torch.promote_types(model.lm_head.weight.dtype, torch.float32)
 
 

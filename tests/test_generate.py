@@ -10,7 +10,15 @@ import torch
 import data
 import flops
 from lora import apply_lora
-from qwen_min import KVCache, Qwen2Config, Qwen2ForCausalLM, generate, load_model, load_tokenizer
+from qwen_min import (
+    KVCache,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    count_flops,
+    generate,
+    load_model,
+    load_tokenizer,
+)
 from qwen_min.generate import Sampler, sample_tokens, stream_keys
 from qwen_min.grammar import LLMTimeGrammar
 
@@ -242,7 +250,7 @@ def test_hooks_equal_closed_form_greedy_constrained_and_sampled(samples, top_p, 
     ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    with flops.count() as c:
+    with count_flops() as c:
         tokens, _ = generate(model, ids, 24, mask, grammar=grammar, n_steps=1, samples=samples,
                              top_p=top_p, seeds=torch.tensor([4, 5]))
     n = tokens.shape[1]  # the steps run: with the grammar, rows stop at their first ';'
