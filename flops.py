@@ -387,9 +387,9 @@ def fit_plan(
     after = total(plan)
     if after > target:
         raise ValueError(
-            f"the plan needs {after:.3e} FLOPs even with the {', '.join(FIT_ORDER)} stages cut to "
-            f"{quantum} steps, more than {share:.0%} of the {budget:.3g} budget; raise the budget "
-            "or evaluate fewer series"
+            f"the plan needs {after:.3e} FLOPs even with the {', '.join(FIT_ORDER)} stages cut "
+            f"to at most {quantum} steps, more than {share:.0%} of the {budget:.3g} budget; "
+            "raise the budget or evaluate fewer series"
         )
     if changes:
         changes.insert(

@@ -90,8 +90,9 @@ def test_a_plan_that_fits_is_unchanged_and_one_that_cannot_is_an_error():
     with pytest.raises(ValueError) as e:
         flops.fit_plan(plan, budget=1e15)
     assert str(e.value) == (
-        f"the plan needs {need:.3e} FLOPs even with the grid, context, final stages cut to 50 "
-        "steps, more than 98% of the 1e+15 budget; raise the budget or evaluate fewer series"
+        f"the plan needs {need:.3e} FLOPs even with the grid, context, final stages cut to at "
+        "most 50 steps, more than 98% of the 1e+15 budget; raise the budget or evaluate fewer "
+        "series"
     )
 
 
@@ -104,8 +105,8 @@ def test_make_flops_prints_both_plans(capsys):
     assert (f"total (real GQA): {published:.4e} = {100 * published / 1e17:.1f}% of the 1e+17 "
             "budget: does NOT fit") in out
     assert "Fitted plan (sweep.py --plan fit, what make sweep runs)" in out
-    assert f"total (real GQA): {fitted:.4e} = {100 * fitted / 1e17:.1f}% of the 1e+17 budget: fits" \
-        in out
+    assert (f"total (real GQA): {fitted:.4e} = {100 * fitted / 1e17:.1f}% of the 1e+17 "
+            "budget: fits") in out
     assert "  grid: 9 run(s) cut from 1000 to 800 steps" in out
     flops.main(["--json"])
     r = json.loads(capsys.readouterr().out)
