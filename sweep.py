@@ -69,7 +69,7 @@ def number(kind: type, low: float, strict: bool = False):
             raise argparse.ArgumentTypeError(
                 f"expected {'an integer' if kind is int else 'a number'} {bound}, got {text!r}"
             ) from None
-        if not (value > low if strict else value >= low) or value != value:  # NaN fails too
+        if not (value > low if strict else value >= low):  # NaN compares False: refused too
             raise argparse.ArgumentTypeError(f"expected a value {bound}, got {text!r}")
         return value
 

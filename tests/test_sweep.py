@@ -15,11 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import data
 import flops
 import sweep
+from qwen_min.model import Qwen2Config
 from tools.checkpoints import TINY, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,12 +99,13 @@ def test_sweep_runs_all_three_stages(finished):
 
 
 def test_a_killed_sweep_started_again_ends_as_an_uninterrupted_one(tiny, finished, tmp_path):
-    """SIGKILL to the sweep and its child while the second grid run trains, then start it
-    again: the same summary.csv as the sweep that was never interrupted."""
+    """SIGKILL to the sweep and its child once the second grid run has checkpointed (its
+    evaluation about to run or running), then start it again: that run resumes, and the
+    summary.csv is the one of the sweep that was never interrupted."""
     out = tmp_path / "sweep"
     proc = start_sweep(sweep_args(tiny, out), tmp_path / "killed.txt")
-    second = out / NAMES[1] / "config.json"  # written once train.py has passed its checks
-    while not second.exists() and proc.poll() is None:
+    checkpoint = out / NAMES[1] / "state.pt"
+    while not checkpoint.exists() and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
@@ -251,3 +254,16 @@ def test_commands_carry_stride_budget_early_stop_and_tensorboard(tmp_path):
     cmd = sweep.train_command(plain, run, 8, 1e-4, 768, 20)
     assert cmd[cmd.index("--stride") + 1] == "256" and cmd[-1] == "--resume"
     assert "--early-stop" not in cmd and "--tensorboard" not in cmd
+
+
+def test_make_sweep_fits_the_plan_make_flops_prints(tmp_path):
+    """With its defaults on a 1000-system file (150 validation series of 100 steps), the sweep
+    fits exactly the plan that flops.py prints as fitted: grid 800 steps."""
+    h5 = data.write_h5(tmp_path / "lv.h5", np.ones((1000, 100, 2), np.float32),
+                       np.linspace(0, 200, 100))
+    args = sweep.parse_args(["--data", str(h5)])
+    evaluation = sweep.evaluation_size(args)
+    assert evaluation == flops.DEFAULT_PLAN.evaluation
+    plan, changes = sweep.choose_plan(args, Qwen2Config(), evaluation)
+    assert (plan, changes) == flops.fit_plan()
+    assert [sweep.stage_steps(plan, s) for s in ("grid", "context", "final")] == [800, 1000, 3000]
