@@ -107,9 +107,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contexts", type=number_list(int, 2), default=[128, 512, 768])
     p.add_argument("--grid-context", type=number(int, 2), default=512)
     for stage, dest in STAGE_STEPS.items():
-        steps = max(r.steps for r in PUBLISHED.runs if r.stage == stage)
         p.add_argument(f"--{dest.replace('_', '-')}", type=number(int, 1),
-                       help=f"training steps of each {stage} run (published: {steps})")
+                       help=f"training steps of each {stage} run "
+                            f"(published: {stage_steps(PUBLISHED, stage)})")
     p.add_argument("--batch-size", type=number(int, 1), default=4)
     p.add_argument("--eval-limit", type=number(int, 1), help="validation series per run")
     p.add_argument("--forecast-steps", type=number(int, 1), default=10)
@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- the plan
 
 
-def evaluation_size(args) -> flops.Evaluation:
+def evaluation_size(args: argparse.Namespace) -> flops.Evaluation:
     """One evaluation as evaluate.py will run it on --data: the validation series (or
     --eval-limit), prompts of 70% of a series' steps and --forecast-steps steps generated, at
     evaluate.py's allowance of 10 tokens a step (two 1-digit numbers with 2 decimals, ',', ';')."""
@@ -140,10 +140,11 @@ def evaluation_size(args) -> flops.Evaluation:
 
 
 def stage_steps(plan: flops.Plan, stage: str) -> int:
+    """The training steps of a stage's runs (the longest, where they differ)."""
     return max(r.steps for r in plan.runs if r.stage == stage)
 
 
-def choose_plan(args, cfg: Qwen2Config, evaluation: flops.Evaluation
+def choose_plan(args: argparse.Namespace, cfg: Qwen2Config, evaluation: flops.Evaluation
                 ) -> tuple[flops.Plan, list[str]]:
     """The plan this sweep runs, priced on the model's config, and what the fit changed."""
     published = {stage: stage_steps(PUBLISHED, stage) for stage in STAGE_STEPS}
@@ -165,7 +166,8 @@ def run(cmd: list[str]) -> int:
     return subprocess.call([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
 
 
-def train_command(args, run_dir: Path, rank: int, lr: float, context: int, steps: int) -> list[str]:
+def train_command(args: argparse.Namespace, run_dir: Path, rank: int, lr: float, context: int,
+                  steps: int) -> list[str]:
     cmd = ["train.py", "--model", args.model, "--data", args.data, "--ledger", args.ledger,
            "--out", str(run_dir), "--rank", str(rank), "--lr", str(lr),
            "--context-length", str(context), "--stride", str(min(MAX_STRIDE, context)),
@@ -180,7 +182,7 @@ def train_command(args, run_dir: Path, rank: int, lr: float, context: int, steps
     return cmd + args.extra.split()
 
 
-def eval_command(args, run_dir: Path) -> list[str]:
+def eval_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
     cmd = ["evaluate.py", "--model", args.model, "--data", args.data, "--ledger", args.ledger,
            "--flops-budget", str(args.flops_budget), "--adapter", str(run_dir / "adapter"),
            "--out", str(run_dir / "eval"), "--split", "val",
@@ -192,7 +194,8 @@ def eval_command(args, run_dir: Path) -> list[str]:
     return cmd
 
 
-def train_and_eval(args, name: str, rank: int, lr: float, context: int, steps: int) -> dict | None:
+def train_and_eval(args: argparse.Namespace, name: str, rank: int, lr: float, context: int,
+                   steps: int) -> dict | None:
     """One experiment; returns its validation metrics, or None when the budget refused it."""
     run_dir = Path(args.out) / name
     metrics_path = run_dir / "eval" / "metrics.json"
@@ -272,7 +275,7 @@ def plot_heatmap(out: Path, grid: list[dict], ranks: list[int], lrs: list[float]
 # ----------------------------------------------------------------------------- main
 
 
-def run_stages(args, plan: flops.Plan) -> tuple[list[dict], str]:
+def run_stages(args: argparse.Namespace, plan: flops.Plan) -> tuple[list[dict], str]:
     """Grid, context study, final run; the rows done and a note on how the sweep ended."""
     out, budget = Path(args.out), f"the budget ({args.flops_budget:.3g}) would be exceeded"
     rows = []
