@@ -318,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plan ({args.plan}): grid {stage_steps(plan, 'grid')}, context "
           f"{stage_steps(plan, 'context')}, final {stage_steps(plan, 'final')} steps; "
           f"{total:.3e} FLOPs = {total / args.flops_budget:.1%} of the budget")
-    print("\n".join("  " + line for line in changes), flush=True)
+    for line in changes:
+        print("  " + line)
+    if total > args.flops_budget:
+        print("  the plan does not fit: the sweep stops before the first run that would overrun it")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows, note = run_stages(args, plan)
     best_by = "best = lowest mse_scaled_filled (mse_scaled where a run's metrics lack it)"

@@ -128,6 +128,8 @@ def test_an_evaluation_refused_for_budget_stops_the_sweep_cleanly(tiny, tmp_path
     assert sweep.main(args) == sweep.BUDGET_EXIT
     printed = capsys.readouterr().out
     assert "sweep: grid-r2-lr0.001: evaluate.py refused: the budget would be exceeded" in printed
+    assert "  the plan does not fit: the sweep stops before the first run that would overrun it\n" \
+        in printed
     assert (out / NAMES[0] / "adapter").is_dir()
     assert not (out / NAMES[0] / "eval" / "metrics.json").exists()
     assert not (out / NAMES[1]).exists()
@@ -171,6 +173,13 @@ def test_a_plan_that_cannot_fit_is_refused_before_any_run(tiny, tmp_path, capsys
     assert err.endswith("more than 98% of the 1e+06 budget; raise the budget or evaluate fewer "
                         "series; or run --plan published\n")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_missing_data_file_is_a_one_line_error(tiny, tmp_path, capsys):
+    missing = tmp_path / "none.h5"
+    assert sweep.main(["--model", str(tiny[0]), "--data", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sweep.py: error: {missing}: no such file; ") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("flag, value, expected", [
