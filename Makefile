@@ -26,7 +26,7 @@ test:
 data:
 	$(PY) data.py --out data/lotka_volterra_data.h5 --seed 0
 
-# FLOPs per operation, per training step and for the experiment plan vs the 1e17 budget
+# FLOPs per operation, per training step, and the published and fitted plans vs the 1e17 budget
 flops:
 	$(PY) flops.py
 
@@ -39,7 +39,8 @@ eval:
 	$(PY) evaluate.py --model $(MODEL) --data $(DATA) $(if $(ADAPTER),--adapter $(ADAPTER)) \
 		--out $(EVAL_OUT) $(ARGS)
 
-# the coursework's plan: rank x lr grid, context study, final run (stops at the budget)
+# the coursework's plan: rank x lr grid, context study, final run, fitted to 98% of the budget
+# (the grid shortened first; ARGS="--plan published" runs the published plan until the budget)
 sweep:
 	$(PY) sweep.py --model $(MODEL) --data $(DATA) $(ARGS)
 

@@ -45,7 +45,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -290,17 +291,36 @@ class Plan:
     evaluation: Evaluation = Evaluation()
 
 
-# The published plan. The context study and the final run use the grid's best rank, unknown
-# in advance: the largest, 8, bounds them from above. "baseline" evaluates the untrained model.
-DEFAULT_PLAN = Plan(
-    runs=(
-        Run("baseline", steps=0, seq_len=0, rank=0),
-        Run("trial", steps=500, seq_len=512, rank=4, lr=1e-5),
-        *(Run("grid", 1000, 512, rank=r, lr=lr) for lr in (1e-5, 5e-5, 1e-4) for r in (2, 4, 8)),
-        *(Run("context", 1000, ctx, rank=8) for ctx in (128, 512, 768)),
-        Run("final", steps=3000, seq_len=768, rank=8),
+def coursework_plan(
+    ranks: Sequence[int] = (2, 4, 8),
+    lrs: Sequence[float] = (1e-5, 5e-5, 1e-4),
+    contexts: Sequence[int] = (128, 512, 768),
+    grid_context: int = 512,
+    grid_steps: int = 1000,
+    context_steps: int = 1000,
+    final_steps: int = 3000,
+    batch: int = 4,
+    evaluation: Evaluation = Evaluation(),
+) -> Plan:
+    """The coursework's plan: "baseline" evaluates the untrained model, a 500-step "trial" run,
+    the rank × lr grid, the context study and the final run (what sweep.py runs).
+
+    The context study and the final run use the grid's best rank and the best context, unknown
+    in advance: the largest rank and the longest context bound them from above."""
+    top = max(ranks)
+    return Plan(
+        runs=(
+            Run("baseline", steps=0, seq_len=0, rank=0),
+            Run("trial", steps=500, seq_len=512, rank=4, lr=1e-5, batch=batch),
+            *(Run("grid", grid_steps, grid_context, r, lr, batch) for lr in lrs for r in ranks),
+            *(Run("context", context_steps, ctx, top, batch=batch) for ctx in contexts),
+            Run("final", final_steps, max(contexts), top, batch=batch),
+        ),
+        evaluation=evaluation,
     )
-)
+
+
+DEFAULT_PLAN = coursework_plan()  # the published plan: 1.09e17, it does not fit in 1e17
 
 
 def plan_flops(
@@ -342,6 +362,73 @@ def plan_flops(
         "share": total / budget,
         "fits": total <= budget,
     }
+
+
+# shortened first: the grid is the widest stage, so a cut there frees the most per step lost,
+# and it only ranks settings, which shorter runs still do; the final run is cut last
+FIT_ORDER = ("grid", "context", "final")
+FIT_SHARE = 0.98  # the margin: steps run twice after a crash (those after the last checkpoint)
+
+
+def with_stage_steps(plan: Plan, stage: str, steps: int) -> Plan:
+    """The plan with every run of `stage` cut to at most `steps` optimizer steps."""
+    runs = tuple(
+        replace(r, steps=min(r.steps, steps)) if r.stage == stage else r for r in plan.runs
+    )
+    return replace(plan, runs=runs)
+
+
+def fit_plan(
+    plan: Plan = DEFAULT_PLAN,
+    cfg: Qwen2Config | None = None,
+    budget: float = BUDGET,
+    share: float = FIT_SHARE,
+    quantum: int = 50,
+    lora_targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+) -> tuple[Plan, list[str]]:
+    """The plan shortened until its total from `plan_flops` (evaluations included, real GQA)
+    is at most share·budget, and one line per change saying what and why ([]: it fits as is).
+
+    Stages are cut in FIT_ORDER, each only as far as needed: its runs get a common length, a
+    multiple of `quantum` steps, at least one quantum. Raises ValueError when the plan does
+    not fit even then."""
+    target = share * budget
+
+    def total(p: Plan) -> int:
+        return plan_flops(p, cfg, "real", budget, lora_targets)["total"]
+
+    before, changes = total(plan), []
+    for stage in FIT_ORDER:
+        longest = max((r.steps for r in plan.runs if r.stage == stage), default=0)
+        if total(plan) <= target or longest <= quantum:
+            continue
+        # the total grows with the steps: bisect for the most quanta that fit (at least one)
+        lo, hi = 1, longest // quantum
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if total(with_stage_steps(plan, stage, mid * quantum)) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        plan = with_stage_steps(plan, stage, lo * quantum)
+        n = sum(r.stage == stage for r in plan.runs)
+        changes.append(f"{stage}: {n} run(s) cut from {longest} to {lo * quantum} steps")
+    after = total(plan)
+    if after > target:
+        raise ValueError(
+            f"the plan needs {after:.3e} FLOPs even with the {', '.join(FIT_ORDER)} stages cut "
+            f"to at most {quantum} steps, more than {share:.0%} of the {budget:.3g} budget; "
+            "raise the budget or evaluate fewer series"
+        )
+    if changes:
+        changes.insert(
+            0,
+            f"the plan totals {before:.3e} FLOPs (evaluations included) = {before / budget:.1%} "
+            f"of the {budget:.3g} budget, over the {share:.0%} that leaves a margin; shortened in "
+            f"the order {', '.join(FIT_ORDER)}:",
+        )
+        changes.append(f"fitted total {after:.3e} FLOPs = {after / budget:.1%} of the budget")
+    return plan, changes
 
 
 # ----------------------------------------------------------------------------- ledger
@@ -455,6 +542,9 @@ def report(batch: int, seq_len: int, lora_rank: int, ledger: str | None) -> dict
         "train_step": {str(ctx): v for ctx, v in steps.items()},
         "plan": {g: plan_flops(DEFAULT_PLAN, cfg, g) for g in GQA_CONVENTIONS},
     }
+    fitted, changes = fit_plan(DEFAULT_PLAN, cfg)
+    out["fitted_plan"] = {g: plan_flops(fitted, cfg, g) for g in GQA_CONVENTIONS}
+    out["fit_changes"] = changes
     if ledger is not None:
         records = read_ledger(ledger)
         used = sum(r["flops"] for r in records)
@@ -471,6 +561,42 @@ def report(batch: int, seq_len: int, lora_rank: int, ledger: str | None) -> dict
             "share": used / BUDGET,
         }
     return out
+
+
+def print_plan(title: str, plans: dict[str, dict], step_at_512: dict[str, int]) -> None:
+    """One plan's table by stage, then its total under both GQA conventions."""
+    plan = plans["real"]
+    ev = plan["evaluation"]
+    print(
+        f"\n{title}, real GQA; each evaluation: {ev['series']} series × "
+        f"{ev['prompt_len']}-token prefill + {ev['new_tokens']} generated tokens:"
+    )
+    print(
+        f"{'stage':<10}{'runs':>5}{'steps':>7}{'context':>13}{'rank':>7}{'training':>12}"
+        f"{'evaluation':>12}"
+    )
+    stages: dict[str, list[dict]] = {}
+    for run in plan["runs"]:
+        stages.setdefault(run["stage"], []).append(run)
+    for stage, runs in stages.items():
+        ctxs = "/".join(dict.fromkeys(str(x["seq_len"]) for x in runs))
+        ranks = "/".join(dict.fromkeys(str(x["rank"]) for x in runs))
+        print(
+            f"{stage:<10}{len(runs):>5}{runs[0]['steps']:>7}{ctxs:>13}{ranks:>7}"
+            f"{sum(x['train_flops'] for x in runs):>12.3e}"
+            f"{sum(x['eval_flops'] for x in runs):>12.3e}"
+        )
+    for g, name in (("real", "real GQA"), ("mha", "as MHA")):
+        p = plans[g]
+        over = p["total"] - p["budget"]
+        steps = over / step_at_512[g]
+        verdict = "fits" if p["fits"] else (
+            f"does NOT fit: over by {over:.3e} ≈ {steps:.0f} steps at 512"
+        )
+        print(
+            f"total ({name}): {p['total']:.4e} = {100 * p['share']:.1f}% of the "
+            f"{p['budget']:.0e} budget: {verdict}"
+        )
 
 
 def print_report(r: dict) -> None:
@@ -498,36 +624,10 @@ def print_report(r: dict) -> None:
     for ctx, v in r["train_step"].items():
         print(f"{ctx:>8}{v['real']:>14.4e}{v['mha']:>14.4e}")
 
-    plan, plan_mha = r["plan"]["real"], r["plan"]["mha"]
-    ev = plan["evaluation"]
-    print(
-        f"\nExperiment plan (real GQA; each evaluation: {ev['series']} series × "
-        f"{ev['prompt_len']}-token prefill + {ev['new_tokens']} generated tokens):"
-    )
-    print(
-        f"{'stage':<10}{'runs':>5}{'steps':>7}{'context':>13}{'rank':>7}{'training':>12}{'evaluation':>12}"
-    )
-    stages: dict[str, list[dict]] = {}
-    for run in plan["runs"]:
-        stages.setdefault(run["stage"], []).append(run)
-    for stage, runs in stages.items():
-        ctxs = "/".join(dict.fromkeys(str(x["seq_len"]) for x in runs))
-        ranks = "/".join(dict.fromkeys(str(x["rank"]) for x in runs))
-        print(
-            f"{stage:<10}{len(runs):>5}{runs[0]['steps']:>7}{ctxs:>13}{ranks:>7}"
-            f"{sum(x['train_flops'] for x in runs):>12.3e}"
-            f"{sum(x['eval_flops'] for x in runs):>12.3e}"
-        )
-    for g, name, p in (("real", "real GQA", plan), ("mha", "as MHA", plan_mha)):
-        over = p["total"] - p["budget"]
-        steps = over / r["train_step"]["512"][g]
-        verdict = (
-            "fits" if p["fits"] else f"does NOT fit: over by {over:.3e} ≈ {steps:.0f} steps at 512"
-        )
-        print(
-            f"total ({name}): {p['total']:.4e} = {100 * p['share']:.1f}% of the "
-            f"{p['budget']:.0e} budget: {verdict}"
-        )
+    print_plan("Published plan (sweep.py --plan published)", r["plan"], r["train_step"]["512"])
+    print_plan("Fitted plan (sweep.py --plan fit, what make sweep runs)", r["fitted_plan"],
+               r["train_step"]["512"])
+    print("\n".join("  " + line for line in r["fit_changes"]))
     if "ledger" in r:
         lg = r["ledger"]
         print(

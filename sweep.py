@@ -1,16 +1,25 @@
 """The coursework's experiment plan, run end to end within the FLOP budget.
 
-    python sweep.py --out runs/sweep                          # the published plan
+    python sweep.py --out runs/sweep                    # the plan fitted to 98% of the budget
+    python sweep.py --plan published                    # the published plan: stops at the budget
     python sweep.py --grid-steps 50 --context-steps 50 --final-steps 100 --eval-limit 20 ...
 
 Stages (each run is train.py then evaluate.py on the validation split):
   1. grid: LoRA rank {2, 4, 8} × learning rate {1e-5, 5e-5, 1e-4} at context 512;
   2. context: lengths {128, 512, 768} with the grid's best (rank, lr);
   3. final: the best setting of all, trained longer.
-"Best" is the lowest validation MSE (scaled units). Finished runs are skipped when the sweep is
-run again, so an interrupted sweep resumes. Before every run train.py checks the ledger; when
-the budget would be exceeded the sweep stops and says so. Writes summary.md, summary.csv and
-grid_heatmap.png.
+"Best" is the lowest validation mse_scaled_filled (failed steps scored as persistence; metrics
+from an evaluate.py without it fall back to mse_scaled); runs with no parsed step at all rank
+last, by teacher-forced cross-entropy.
+
+The plan (flops.coursework_plan, priced by flops.plan_flops, evaluations included) covers the
+untrained baseline and the 500-step trial run beside these stages. `--plan fit`, the default,
+shortens it to ≤ 98% of --flops-budget, the grid first, and prints what it changed; explicit
+--*-steps flags set the stage lengths before the fit. `--plan published` runs the stage lengths
+as given. Either way train.py and evaluate.py check the ledger before every run: when the
+budget would be exceeded the sweep stops and says so. Finished runs are skipped when the sweep
+is started again, and a killed run resumes, so an interrupted sweep completes as if it had not
+been. Writes summary.md, summary.csv and grid_heatmap.png.
 """
 
 from __future__ import annotations
@@ -25,86 +34,215 @@ from pathlib import Path
 
 import numpy as np
 
+import data
+import flops
+from qwen_min import CheckpointError
+from qwen_min.loading import DEFAULT_MODEL, load_config, resolve_checkpoint
+from qwen_min.model import ConfigError, Qwen2Config
 from qwen_min.runtime import atomic_write_bytes, atomic_write_text
 
-BUDGET_EXIT = 3  # train.py's exit code for a refused run
+HERE = Path(__file__).resolve().parent
+BUDGET_EXIT = 3  # train.py's and evaluate.py's exit code for a refused run
+MAX_STRIDE = 256  # train.py's window stride, capped by each run's context length
+STAGE_STEPS = {"grid": "grid_steps", "context": "context_steps", "final": "final_steps"}
+PUBLISHED = flops.DEFAULT_PLAN
+SUMMARY_KEYS = ["name", "stage", "rank", "lr", "context", "steps", "mse_scaled",
+                "mse_scaled_filled", "parse_failure_rate", "mae_scaled", "teacher_forced_ce",
+                "n_series"]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct")
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the flag, what was expected, where to look."""
+
+    def error(self, message: str):
+        self.exit(2, f"sweep.py: error: {message} (see python sweep.py --help)\n")
+
+
+def number(kind: type, low: float, strict: bool = False):
+    """An argparse type: a `kind` (int or float) ≥ low (> low when strict)."""
+    bound = f"{'>' if strict else '≥'} {low:g}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'} {bound}, got {text!r}"
+            ) from None
+        if not (value > low if strict else value >= low):  # NaN compares False: refused too
+            raise argparse.ArgumentTypeError(f"expected a value {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def number_list(kind: type, low: float, strict: bool = False):
+    """An argparse type: comma-separated `kind`s, each checked as number(kind, low, strict)."""
+    one = number(kind, low, strict)
+
+    def parse(text: str) -> list:
+        items = [x.strip() for x in text.split(",")]
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return [one(x) for x in items]
+
+    return parse
+
+
+def batch_size(text: str) -> str:
+    """evaluate.py's --batch-size: 'auto' or an integer ≥ 1 (passed on as written)."""
+    return text if text == "auto" else str(number(int, 1)(text))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = Parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--data", default="data/lotka_volterra_data.h5")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--ledger", default="runs/ledger.jsonl")
-    p.add_argument("--ranks", default="2,4,8")
-    p.add_argument("--lrs", default="1e-5,5e-5,1e-4")
-    p.add_argument("--contexts", default="128,512,768")
-    p.add_argument("--grid-context", type=int, default=512)
-    p.add_argument("--grid-steps", type=int, default=1000)
-    p.add_argument("--context-steps", type=int, default=1000)
-    p.add_argument("--final-steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--eval-limit", type=int, default=None, help="validation series per run")
-    p.add_argument("--forecast-steps", type=int, default=10)
-    p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--flops-budget", type=float, default=1e17)
+    p.add_argument("--plan", choices=["fit", "published"], default="fit",
+                   help="fit: shortened to ≤ 98%% of the budget (default); published: as given")
+    p.add_argument("--ranks", type=number_list(int, 1), default=[2, 4, 8])
+    p.add_argument("--lrs", type=number_list(float, 0, strict=True), default=[1e-5, 5e-5, 1e-4])
+    p.add_argument("--contexts", type=number_list(int, 2), default=[128, 512, 768])
+    p.add_argument("--grid-context", type=number(int, 2), default=512)
+    for stage, dest in STAGE_STEPS.items():
+        p.add_argument(f"--{dest.replace('_', '-')}", type=number(int, 1),
+                       help=f"training steps of each {stage} run "
+                            f"(published: {stage_steps(PUBLISHED, stage)})")
+    p.add_argument("--batch-size", type=number(int, 1), default=4)
+    p.add_argument("--eval-limit", type=number(int, 1), help="validation series per run")
+    p.add_argument("--forecast-steps", type=number(int, 1), default=10)
+    p.add_argument("--eval-batch-size", type=batch_size, help="evaluate.py's --batch-size")
+    p.add_argument("--flops-budget", type=number(float, 0, strict=True), default=flops.BUDGET)
+    p.add_argument("--early-stop", type=number(int, 1),
+                   help="train.py --early-stop N for every run (give --eval-every in --extra)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="train.py --tensorboard for every run (logs in each run folder)")
     p.add_argument("--extra", default="", help="extra flags for train.py, e.g. '--dtype fp32'")
     return p.parse_args(argv)
 
 
+# ----------------------------------------------------------------------------- the plan
+
+
+def evaluation_size(args: argparse.Namespace) -> flops.Evaluation:
+    """One evaluation as evaluate.py will run it on --data: the validation series (or
+    --eval-limit), prompts of 70% of a series' steps and --forecast-steps steps generated, at
+    evaluate.py's allowance of 10 tokens a step (two 1-digit numbers with 2 decimals, ',', ';')."""
+    trajectories, _ = data.load_trajectories(args.data)
+    n_val = len(data.split_indices(len(trajectories))["val"])
+    tokens_per_step = 2 * (2 + 2) + 2
+    context_steps = round(0.7 * trajectories.shape[1])
+    return flops.Evaluation(series=min(n_val, args.eval_limit or n_val),
+                            prompt_len=context_steps * tokens_per_step,
+                            new_tokens=args.forecast_steps * tokens_per_step)
+
+
+def stage_steps(plan: flops.Plan, stage: str) -> int:
+    """The training steps of a stage's runs (the longest, where they differ)."""
+    return max(r.steps for r in plan.runs if r.stage == stage)
+
+
+def choose_plan(args: argparse.Namespace, cfg: Qwen2Config, evaluation: flops.Evaluation
+                ) -> tuple[flops.Plan, list[str]]:
+    """The plan this sweep runs, priced on the model's config, and what the fit changed."""
+    published = {stage: stage_steps(PUBLISHED, stage) for stage in STAGE_STEPS}
+    steps = {stage: getattr(args, dest) or published[stage] for stage, dest in STAGE_STEPS.items()}
+    plan = flops.coursework_plan(args.ranks, args.lrs, args.contexts, args.grid_context,
+                                 steps["grid"], steps["context"], steps["final"], args.batch_size,
+                                 evaluation)
+    if args.plan == "published":
+        return plan, []
+    return flops.fit_plan(plan, cfg, args.flops_budget)
+
+
+# ----------------------------------------------------------------------------- the runs
+
+
 def run(cmd: list[str]) -> int:
+    """Run train.py or evaluate.py (found beside this file) in a child process."""
     print("$ " + " ".join(cmd), flush=True)
-    return subprocess.call([sys.executable, *cmd])
+    return subprocess.call([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
 
 
-def train_and_eval(args, name: str, rank: int, lr: float, context: int, steps: int) -> dict | None:
+def train_command(args: argparse.Namespace, run_dir: Path, rank: int, lr: float, context: int,
+                  steps: int) -> list[str]:
+    cmd = ["train.py", "--model", args.model, "--data", args.data, "--ledger", args.ledger,
+           "--out", str(run_dir), "--rank", str(rank), "--lr", str(lr),
+           "--context-length", str(context), "--stride", str(min(MAX_STRIDE, context)),
+           "--steps", str(steps), "--batch-size", str(args.batch_size),
+           "--flops-budget", str(args.flops_budget)]
+    if args.early_stop:
+        cmd += ["--early-stop", str(args.early_stop)]
+    if args.tensorboard:
+        cmd.append("--tensorboard")
+    if (run_dir / "state.pt").exists():
+        cmd.append("--resume")
+    return cmd + args.extra.split()
+
+
+def eval_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    cmd = ["evaluate.py", "--model", args.model, "--data", args.data, "--ledger", args.ledger,
+           "--flops-budget", str(args.flops_budget), "--adapter", str(run_dir / "adapter"),
+           "--out", str(run_dir / "eval"), "--split", "val",
+           "--forecast-steps", str(args.forecast_steps)]
+    if args.eval_batch_size:
+        cmd += ["--batch-size", args.eval_batch_size]
+    if args.eval_limit:
+        cmd += ["--limit", str(args.eval_limit)]
+    return cmd
+
+
+def train_and_eval(args: argparse.Namespace, name: str, rank: int, lr: float, context: int,
+                   steps: int) -> dict | None:
     """One experiment; returns its validation metrics, or None when the budget refused it."""
-    run_dir, eval_dir = Path(args.out) / name, Path(args.out) / name / "eval"
-    common = ["--model", args.model, "--data", args.data, "--ledger", args.ledger]
-    if not (eval_dir / "metrics.json").exists():
-        train = ["train.py", *common, "--out", str(run_dir), "--rank", str(rank), "--lr", str(lr),
-                 "--context-length", str(context), "--steps", str(steps), "--batch-size",
-                 str(args.batch_size), "--flops-budget", str(args.flops_budget),
-                 *args.extra.split()]
-        if (run_dir / "state.pt").exists():
-            train.append("--resume")
-        code = run(train)
-        if code == BUDGET_EXIT:
-            return None
-        if code != 0:
-            raise SystemExit(f"sweep: {name}: train.py failed with exit code {code}")
-        evaluate = ["evaluate.py", *common, "--adapter", str(run_dir / "adapter"), "--out",
-                    str(eval_dir), "--split", "val", "--forecast-steps", str(args.forecast_steps),
-                    "--batch-size", str(args.eval_batch_size)]
-        if args.eval_limit:
-            evaluate += ["--limit", str(args.eval_limit)]
-        if run(evaluate) != 0:
-            raise SystemExit(f"sweep: {name}: evaluate.py failed")
-    metrics = json.loads((eval_dir / "metrics.json").read_text())
-    return {"name": name, "stage": name.split("-")[0], "rank": rank, "lr": lr, "context": context,
-            "steps": steps, **{k: metrics[k] for k in ("mse_scaled", "mae_scaled",
-                                                        "teacher_forced_ce", "parse_failure_rate",
-                                                        "n_series")}}
+    run_dir = Path(args.out) / name
+    metrics_path = run_dir / "eval" / "metrics.json"
+    if not metrics_path.exists():
+        for script, cmd in (("train.py", train_command(args, run_dir, rank, lr, context, steps)),
+                            ("evaluate.py", eval_command(args, run_dir))):
+            code = run(cmd)
+            if code == BUDGET_EXIT:
+                print(f"sweep: {name}: {script} refused: the budget would be exceeded")
+                return None
+            if code != 0:
+                raise SystemExit(f"sweep: {name}: {script} failed with exit code {code}")
+    metrics = json.loads(metrics_path.read_text())
+    row = {"name": name, "stage": name.split("-")[0], "rank": rank, "lr": lr, "context": context,
+           "steps": steps}
+    return row | {k: metrics.get(k) for k in SUMMARY_KEYS if k not in row}
+
+
+def score(row: dict) -> float | None:
+    """The validation score "best" minimises: mse_scaled_filled, or mse_scaled where the
+    metrics predate it; None when no step parsed."""
+    filled = row.get("mse_scaled_filled")
+    return row["mse_scaled"] if filled is None else filled
 
 
 def best(rows: list[dict]) -> dict:
-    finite = [r for r in rows if r["mse_scaled"] is not None]  # None: no step parsed
-    if not finite:
-        raise SystemExit("sweep: no run produced a finite validation MSE")
-    return min(finite, key=lambda r: r["mse_scaled"])
+    """Lowest score; runs without one (nothing parsed) rank after all others, by the
+    teacher-forced cross-entropy, so a stage whose forecasts all fail still picks a setting."""
+    return min(rows, key=lambda r: (score(r) is None, score(r) or 0.0, r["teacher_forced_ce"]))
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def cell(v) -> str:
+    """A summary.md cell: 4 significant digits, '—' for a missing value."""
+    return f"{v:.4g}" if isinstance(v, float) else "—" if v is None else str(v)
 
 
 def write_summary(out: Path, rows: list[dict], note: str) -> None:
-    keys = ["name", "stage", "rank", "lr", "context", "steps", "mse_scaled", "mae_scaled",
-            "teacher_forced_ce", "parse_failure_rate", "n_series"]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, keys)
+    w = csv.DictWriter(buf, SUMMARY_KEYS)
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(out / "summary.csv", buf.getvalue())
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else "—" if v is None else str(v)  # noqa: E731
-    md = ["| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
-    md += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    md = ["| " + " | ".join(SUMMARY_KEYS) + " |", "|---" * len(SUMMARY_KEYS) + "|"]
+    md += ["| " + " | ".join(cell(r[k]) for k in SUMMARY_KEYS) + " |" for r in rows]
     atomic_write_text(out / "summary.md", "\n".join(md + ["", note]) + "\n")
     print("\n".join(md + ["", note]))
 
@@ -117,13 +255,13 @@ def plot_heatmap(out: Path, grid: list[dict], ranks: list[int], lrs: list[float]
 
     z = np.full((len(ranks), len(lrs)), np.nan)
     for r in grid:
-        v = r["mse_scaled"]
+        v = score(r)
         z[ranks.index(r["rank"]), lrs.index(r["lr"])] = np.nan if v is None else v
     fig, ax = plt.subplots(figsize=(5, 3.6))
     im = ax.imshow(z, cmap="viridis_r")
     ax.set(xticks=range(len(lrs)), xticklabels=[f"{x:g}" for x in lrs], yticks=range(len(ranks)),
            yticklabels=ranks, xlabel="learning rate", ylabel="LoRA rank",
-           title="validation MSE (scaled)")
+           title="validation MSE (scaled, failed steps filled)")
     for (i, j), v in np.ndenumerate(z):
         ax.text(j, i, "—" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", color="w")
     fig.colorbar(im)
@@ -134,39 +272,60 @@ def plot_heatmap(out: Path, grid: list[dict], ranks: list[int], lrs: list[float]
     atomic_write_bytes(out / "grid_heatmap.png", buf.getvalue())
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ranks = [int(x) for x in args.ranks.split(",")]
-    lrs = [float(x) for x in args.lrs.split(",")]
-    contexts = [int(x) for x in args.contexts.split(",")]
-    rows, note = [], "All stages finished within the budget."
-    for rank, lr in [(r, lr) for r in ranks for lr in lrs]:
+# ----------------------------------------------------------------------------- main
+
+
+def run_stages(args: argparse.Namespace, plan: flops.Plan) -> tuple[list[dict], str]:
+    """Grid, context study, final run; the rows done and a note on how the sweep ended."""
+    out, budget = Path(args.out), f"the budget ({args.flops_budget:.3g}) would be exceeded"
+    rows = []
+    for rank, lr in [(r, lr) for r in args.ranks for lr in args.lrs]:
         row = train_and_eval(args, f"grid-r{rank}-lr{lr:g}", rank, lr, args.grid_context,
-                             args.grid_steps)
+                             stage_steps(plan, "grid"))
         if row is None:
-            note = f"Stopped in the grid: the budget ({args.flops_budget:.3g}) would be exceeded."
-            break
+            return rows, f"Stopped in the grid: {budget}."
         rows.append(row)
-    else:
-        plot_heatmap(out, rows, ranks, lrs)
-        g = best(rows)
-        for ctx in contexts:
-            row = train_and_eval(args, f"context-{ctx}", g["rank"], g["lr"], ctx,
-                                 args.context_steps)
-            if row is None:
-                note = f"Stopped in the context study: budget ({args.flops_budget:.3g}) reached."
-                break
-            rows.append(row)
-        else:
-            b = best(rows)
-            row = train_and_eval(args, "final", b["rank"], b["lr"], b["context"], args.final_steps)
-            if row is None:
-                note = f"Stopped before the final run: budget ({args.flops_budget:.3g}) reached."
-            else:
-                rows.append(row)
-    write_summary(out, rows, note)
+    plot_heatmap(out, rows, args.ranks, args.lrs)
+    g = best(rows)
+    for ctx in args.contexts:
+        row = train_and_eval(args, f"context-{ctx}", g["rank"], g["lr"], ctx,
+                             stage_steps(plan, "context"))
+        if row is None:
+            return rows, f"Stopped in the context study: {budget}."
+        rows.append(row)
+    b = best(rows)
+    row = train_and_eval(args, "final", b["rank"], b["lr"], b["context"],
+                         stage_steps(plan, "final"))
+    if row is None:
+        return rows, f"Stopped before the final run: {budget}."
+    return rows + [row], "All stages finished within the budget."
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(resolve_checkpoint(args.model))
+        evaluation = evaluation_size(args)
+    except (CheckpointError, ConfigError, data.DataError) as e:
+        print(f"sweep.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        plan, changes = choose_plan(args, cfg, evaluation)
+    except ValueError as e:  # flops.fit_plan: the plan cannot be fitted to the budget
+        print(f"sweep.py: error: --plan fit: {e}; or run --plan published", file=sys.stderr)
+        return BUDGET_EXIT
+    total = flops.plan_flops(plan, cfg)["total"]
+    print(f"plan ({args.plan}): grid {stage_steps(plan, 'grid')}, context "
+          f"{stage_steps(plan, 'context')}, final {stage_steps(plan, 'final')} steps; "
+          f"{total:.3e} FLOPs = {total / args.flops_budget:.1%} of the budget")
+    for line in changes:
+        print("  " + line)
+    if total > args.flops_budget:
+        print("  the plan does not fit: the sweep stops before the first run that would overrun it")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    rows, note = run_stages(args, plan)
+    best_by = "best = lowest mse_scaled_filled (mse_scaled where a run's metrics lack it)"
+    write_summary(Path(args.out), rows, f"{note} {best_by}.")
     return 0 if note.startswith("All") else BUDGET_EXIT
 
 
