@@ -34,7 +34,6 @@ reach there. How it fits (details in `lv_fit`):
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -67,14 +66,19 @@ def context_mean(context: np.ndarray, horizon: int, time: np.ndarray) -> Baselin
     return BaselineForecast(np.repeat(context.mean(axis=1, keepdims=True), horizon, axis=1))
 
 
-def linear(context: np.ndarray, horizon: int, time: np.ndarray, k: int = 3) -> BaselineForecast:
+def linear(
+    context: np.ndarray, horizon: int, time: np.ndarray, k: int | None = None
+) -> BaselineForecast:
     """Least-squares line through the last k context steps (per series and variable), continued
     to the horizon's time stamps and clipped at 0, since populations are never negative.
 
-    k = 3 scored best of 2, 3, 5 and 10 on the training split of the default data (scaled MSE):
-    the cycles are only 6–30 steps long, so a line fitted over more steps misses the turns.
+    The default, every context step, scored best on the training split of the default data
+    (scaled MSE 0.38 at k = 70 = C; 0.77 at 20, 1.96 at 10, 3.46 at 2): the cycles are only
+    6–30 steps long, so a line through the last few steps runs straight out of a turn.
     """
-    if not isinstance(k, int) or k < 2:
+    if k is None:
+        k = context.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
         raise ValueError(f"baseline 'linear': option k must be an integer ≥ 2, got {k!r}")
     k = min(k, context.shape[1])
     t = time[context.shape[1] - k : context.shape[1]]  # (k,) times of the fitted steps
@@ -190,8 +194,9 @@ def fit_multiple_shooting(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Adam on the log-parameters (M, 4) and the log-states (M, C, 2), which start at the data.
 
-    Each fit's loss only reaches its own parameters, so a fit whose ODE overflows (NaN/inf) is
-    masked out of the sum and cannot spoil the others; it stays non-finite and loses later.
+    The fits share no parameters: the gradient of the summed loss reaches each fit through its
+    own loss only, so a fit whose ODE overflows gets NaN gradients, stays non-finite and loses
+    at the selection, without touching the others.
     """
     floor = 1e-3 * target.amax((1, 2), keepdim=True)  # log(0) guard for series with zeros
     log_states = torch.maximum(target, floor).log()
@@ -202,14 +207,17 @@ def fit_multiple_shooting(
     for _ in range(iterations):
         loss = shooting_loss(log_params, log_states, target, time.diff(), substeps, join_weight)
         optimizer.zero_grad()
-        torch.where(torch.isfinite(loss), loss, 0.0).sum().backward()
+        loss.sum().backward()
         optimizer.step()
         schedule.step()
     return log_params.detach(), log_states.detach()[:, 0]
 
 
 def least_squares_polish(
-    unknowns: torch.Tensor, target: torch.Tensor, time: torch.Tensor, iterations: int,
+    unknowns: torch.Tensor,
+    target: torch.Tensor,
+    time: torch.Tensor,
+    iterations: int,
     substeps: int,
 ) -> torch.Tensor:
     """Levenberg–Marquardt on single-shooting fits: unknowns (M, 6) = log (a, b, c, d, x0, y0),
@@ -285,10 +293,15 @@ def lv_fit(
     # fit in units of the series' scale (x → x/scale turns b, c into b·scale, c·scale), so
     # that one learning rate and one damping suit every series
     log_scale = scale.log().reshape(n, 1, 1)
-    to_scaled = torch.cat([log_scale * torch.tensor([0.0, 1.0, 1.0, 0.0]), -log_scale.expand(
-        n, 1, 2)], -1)  # (N, 1, 6): added to log (a, b, c, d, x0, y0)
+    to_scaled = torch.cat(
+        [log_scale * torch.tensor([0.0, 1.0, 1.0, 0.0]), -log_scale.expand(n, 1, 2)], -1
+    )  # (N, 1, 6): added to log (a, b, c, d, x0, y0)
     log_params, log_initial = fit_multiple_shooting(
-        (starts + to_scaled[..., :4]).reshape(n * s, 4), scaled, t[:c], iterations, substeps,
+        (starts + to_scaled[..., :4]).reshape(n * s, 4),
+        scaled,
+        t[:c],
+        iterations,
+        substeps,
         join_weight,
     )
     unknowns = least_squares_polish(
@@ -296,8 +309,9 @@ def lv_fit(
     )
     unknowns = unknowns.reshape(n, s, 6) - to_scaled  # back to the data's units
     with torch.no_grad():
-        paths = integrate(unknowns[..., :4].reshape(n * s, 4), unknowns[..., 4:].reshape(
-            n * s, 2), t, substeps).reshape(n, s, c + horizon, 2)
+        paths = integrate(
+            unknowns[..., :4].reshape(n * s, 4), unknowns[..., 4:].reshape(n * s, 2), t, substeps
+        ).reshape(n, s, c + horizon, 2)
     # the constant at the context mean: an LV equilibrium, always finite, competes as start −1
     mean = torch.maximum(series.mean(1, keepdim=True), floor)  # (N, 1, 2)
     paths = torch.cat([mean[:, None].expand(n, 1, c + horizon, 2), paths], 1)  # (N, 1+S, T, 2)
@@ -306,8 +320,17 @@ def lv_fit(
     best = residual.argmin(1)  # (N,)
     rows = torch.arange(n)
     # a = d = 1 per time unit, with b and c putting the equilibrium (d/c, a/b) at the mean
-    equilibrium = torch.stack([torch.ones(n), 1 / mean[:, 0, 1], 1 / mean[:, 0, 0],
-                               torch.ones(n), mean[:, 0, 0], mean[:, 0, 1]], -1)  # (N, 6)
+    equilibrium = torch.stack(
+        [
+            torch.ones(n),
+            1 / mean[:, 0, 1],
+            1 / mean[:, 0, 0],
+            torch.ones(n),
+            mean[:, 0, 0],
+            mean[:, 0, 1],
+        ],
+        -1,
+    )  # (N, 6)
     fitted = torch.cat([equilibrium[:, None], unknowns.exp()], 1)[rows, best]  # (N, 6)
     return BaselineForecast(
         paths[rows, best, c:].numpy(),

@@ -1,0 +1,166 @@
+"""baselines.py: exact simple baselines, lv-fit on the project's own simulator and on series
+that are not Lotka–Volterra at all, batching, and one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import baselines
+import data
+
+TIME = np.linspace(0.0, 200.0, 100)  # the default data's grid (data.simulate), Δt ≈ 2.02
+CONTEXT, HORIZON = 70, 10  # evaluate.py's split: 70% of 100 steps, then 10 forecast steps
+
+
+@pytest.fixture(scope="module")
+def simulated() -> tuple[np.ndarray, np.ndarray]:
+    """Two systems from data.py's simulator: parameters (2, 4) and float32 series (2, 100, 2)."""
+    params, initial = data.sample_systems(2, np.random.default_rng(0))
+    return params, data.integrate(params, initial, TIME).astype(np.float32)
+
+
+def not_lotka_volterra(simulated) -> np.ndarray:
+    """(6, 100, 2) series the textbook model does not describe, at coursework-like values."""
+    rng = np.random.default_rng(1)
+    noisy = simulated[1][0] * np.exp(rng.normal(0.0, 0.3, (100, 2)))  # 30% noise
+    with_zeros = simulated[1][1].astype(np.float64)
+    with_zeros[::7, 0] = 0.0  # prey recorded as 0 every 7th step
+    spike = np.full((100, 2), 0.8)
+    spike[30] = 14.0  # one outlier at the coursework file's maximum
+    ramp = np.stack([np.linspace(0.0, 5.0, 100), np.linspace(3.0, 0.0, 100)], 1)
+    return np.stack([noisy, with_zeros, spike, ramp, np.full((100, 2), 1.5), np.zeros((100, 2))])
+
+
+def test_persistence_and_context_mean_are_exact():
+    context = np.array([[[1.0, 2.0], [3.0, 5.0], [2.0, 8.0]], [[0.0, 1.0], [4.0, 1.0], [8.0, 4.0]]])
+    last = baselines.forecast("persistence", context, 2).forecasts
+    np.testing.assert_array_equal(last, [[[2.0, 8.0]] * 2, [[8.0, 4.0]] * 2])
+    mean = baselines.forecast("context-mean", context, 3).forecasts
+    np.testing.assert_array_equal(mean, [[[2.0, 5.0]] * 3, [[4.0, 2.0]] * 3])
+
+
+def test_linear_continues_a_line_on_the_time_stamps_and_clips_at_zero():
+    time = np.array([0.0, 1.0, 3.0, 4.0, 6.0, 10.0])  # uneven: the line must use the stamps
+    prey, predator = 1.0 + 0.5 * time, 2.0 - 0.25 * time  # the predator line crosses 0 at t = 8
+    series = np.stack([prey, predator], -1)[None]  # (1, 6, 2)
+    forecast = baselines.forecast("linear", series[:, :4], 2, time).forecasts
+    # measured |error| 0.0 here and 1.1e-16 with k = 3 (float64 least squares)
+    np.testing.assert_allclose(forecast[0], [[4.0, 0.5], [6.0, 0.0]], rtol=0, atol=1e-12)
+    bent = series.copy()
+    bent[0, 0] = [9.0, 9.0]  # off the line: only k = 3 (the last 3 steps) still fits exactly
+    forecast = baselines.forecast("linear", bent[:, :4], 2, time, k=3).forecasts
+    np.testing.assert_allclose(forecast[0], [[4.0, 0.5], [6.0, 0.0]], rtol=0, atol=1e-12)
+
+
+def test_lv_fit_recovers_the_simulator(simulated):
+    params, series = simulated
+    res = baselines.forecast("lv-fit", series[:, :CONTEXT], HORIZON, TIME[: CONTEXT + HORIZON])
+    # measured max relative error 2.8e-7 (the series are float32, as simulate() stores them);
+    # the issue asks for 1%
+    np.testing.assert_allclose(res.info["params"], params, rtol=1e-5)
+    alpha = series.max(axis=(1, 2), keepdims=True) / 9.99  # the series' own LLMTIME scale
+    scaled_mse = (((res.forecasts - series[:, CONTEXT : CONTEXT + HORIZON]) / alpha) ** 2).mean()
+    assert scaled_mse < 1e-10  # measured 5.0e-14; the issue asks < 1e-4
+    assert res.forecasts.shape == (2, HORIZON, 2) and res.forecasts.dtype == np.float64
+    assert (res.info["residual"] < 1e-10).all()  # measured 4.4e-14, 7.0e-15 (data units²)
+
+
+def test_lv_fit_never_fails_on_series_that_are_not_lotka_volterra(simulated):
+    series = not_lotka_volterra(simulated)
+    context = series[:, :CONTEXT]
+    # grid 1000 adds starts whose ODE overflows in RK4 (a or d = 1000 per sampling interval)
+    res = baselines.forecast(
+        "lv-fit", context, HORIZON, TIME[: CONTEXT + HORIZON], grid=(0.15, 1000.0)
+    )
+    assert np.isfinite(res.forecasts).all() and (res.forecasts >= 0).all()
+    assert np.isfinite(res.info["residual"]).all()
+    # starts 2, 3, 4 have a or d = 1000: they overflow and must never be chosen
+    assert set(res.info["start"].tolist()) <= {-1, 0, 1}
+    # the context-mean constant always competes, so no fit is worse on its context
+    mean_residual = ((context - context.mean(1, keepdims=True)) ** 2).mean((1, 2))
+    assert (res.info["residual"] <= mean_residual).all()
+    # a constant series is an LV equilibrium: forecast exactly, residual 0
+    np.testing.assert_array_equal(res.forecasts[4], np.full((HORIZON, 2), 1.5))
+    assert res.info["residual"][4] == 0.0
+
+
+def test_lv_fit_batched_equals_one_series_at_a_time(simulated):
+    """Series never mix: the simulator series gives the same forecast beside a noisy one."""
+    series = np.stack([simulated[1][0], not_lotka_volterra(simulated)[0]])
+    options = dict(grid=(0.15,), iterations=40, polish=5)  # a short fit: only equality matters
+    time = TIME[: CONTEXT + HORIZON]
+    both = baselines.forecast("lv-fit", series[:, :CONTEXT], HORIZON, time, **options)
+    alone = baselines.forecast("lv-fit", series[:1, :CONTEXT], HORIZON, time, **options)
+    # measured difference 0.0: every operation is per fit, so batching changes no bit
+    np.testing.assert_array_equal(both.forecasts[:1], alone.forecasts)
+    np.testing.assert_array_equal(both.info["params"][:1], alone.info["params"])
+
+
+@pytest.mark.parametrize(
+    "name, context, horizon, time, options, message",
+    [
+        (
+            "arima",
+            np.ones((1, 3, 2)),
+            2,
+            None,
+            {},
+            "unknown baseline 'arima'; choose one of persistence, context-mean, linear, lv-fit",
+        ),
+        (
+            "linear",
+            np.ones((1, 3, 2)),
+            2,
+            None,
+            {"window": 3},
+            "baseline 'linear': unknown option(s) window; it takes k",
+        ),
+        (
+            "linear",
+            np.ones((1, 3, 2)),
+            2,
+            None,
+            {"k": 1},
+            "baseline 'linear': option k must be an integer ≥ 2, got 1",
+        ),
+        (
+            "persistence",
+            np.ones((3, 2)),
+            2,
+            None,
+            {},
+            "baselines: context must be (series, steps, 2) with at least one of each, got shape "
+            "(3, 2)",
+        ),
+        (
+            "persistence",
+            -np.ones((1, 3, 2)),
+            2,
+            None,
+            {},
+            "baselines: context has NaN, inf or negative values; populations ≥ 0",
+        ),
+        (
+            "persistence",
+            np.ones((1, 3, 2)),
+            0,
+            None,
+            {},
+            "baselines: horizon must be an integer ≥ 1, got 0",
+        ),
+        (
+            "lv-fit",
+            np.ones((1, 3, 2)),
+            2,
+            np.arange(4.0),
+            {},
+            "baselines: time must be 5 finite, strictly increasing stamps (context steps + "
+            "horizon), got shape (4,)",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_error(name, context, horizon, time, options, message):
+    with pytest.raises(ValueError) as error:
+        baselines.forecast(name, context, horizon, time, **options)
+    assert str(error.value) == message
