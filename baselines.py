@@ -103,7 +103,9 @@ def lv_slope(z: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return p + q * torch.exp(z).flip(-1)
 
 
-def rk4(z: torch.Tensor, p: torch.Tensor, q: torch.Tensor, h: torch.Tensor, substeps: int):
+def rk4(
+    z: torch.Tensor, p: torch.Tensor, q: torch.Tensor, h: torch.Tensor | float, substeps: int
+) -> torch.Tensor:
     """Carry log-states z (..., 2) forward by substeps·h with classic RK4 (h broadcasts to z)."""
     for _ in range(substeps):
         k1 = lv_slope(z, p, q)
@@ -151,7 +153,9 @@ def regression_guess(context: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(guess) & (guess > 0), guess, torch.full_like(guess, 0.1))
 
 
-def initial_guesses(context: torch.Tensor, time: torch.Tensor, grid: tuple) -> torch.Tensor:
+def initial_guesses(
+    context: torch.Tensor, time: torch.Tensor, grid: tuple[float, ...]
+) -> torch.Tensor:
     """Log (a, b, c, d) starts (N, S, 4): the regression guess, then for each (a, d) of the grid
     (in units of 1 / the mean sampling interval) the b and c that put the equilibrium
     (d/c, a/b) at the context's time averages."""
@@ -198,10 +202,10 @@ def fit_multiple_shooting(
     own loss only, so a fit whose ODE overflows gets NaN gradients, stays non-finite and loses
     at the selection, without touching the others.
     """
-    floor = 1e-3 * target.amax((1, 2), keepdim=True)  # log(0) guard for series with zeros
-    log_states = torch.maximum(target, floor).log()
+    # log(0) guard for series with zeros: the target is in units of its series' maximum, so
+    # the states start no lower than 0.1% of it
+    log_states = target.clamp_min(1e-3).log().requires_grad_()
     log_params = log_params.clone().requires_grad_()
-    log_states = log_states.requires_grad_()
     optimizer = torch.optim.Adam([log_params, log_states], lr=0.05)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations, eta_min=1e-4)
     for _ in range(iterations):
@@ -259,11 +263,42 @@ def least_squares_polish(
     return unknowns
 
 
+def fit_starts(
+    series: torch.Tensor,
+    time: torch.Tensor,
+    grid: tuple[float, ...],
+    iterations: int,
+    polish: int,
+    substeps: int,
+    join_weight: float,
+) -> torch.Tensor:
+    """Every start fitted to its series (N, C, 2) at `time` (C,): log (a, b, c, d, x0, y0) in the
+    data's units, (N, S, 6). All N·S fits run as one batch, series-major (row = n·S + s)."""
+    n = len(series)
+    scale = series.amax((1, 2), keepdim=True).clamp_min(1e-12)  # (N, 1, 1)
+    starts = initial_guesses(torch.maximum(series, 1e-3 * scale), time, grid)  # (N, S, 4)
+    s = starts.shape[1]
+    # fit in units of the series' maximum (x → x/scale turns b, c into b·scale, c·scale), so
+    # that one learning rate and one damping suit every series
+    log_scale = scale.log()  # (N, 1, 1)
+    to_scaled = torch.cat(
+        [log_scale * torch.tensor([0.0, 1.0, 1.0, 0.0]), -log_scale.expand(n, 1, 2)], -1
+    )  # (N, 1, 6): added to log (a, b, c, d, x0, y0)
+    target = (series / scale).repeat_interleave(s, 0)  # (N·S, C, 2)
+    log_params = (starts + to_scaled[..., :4]).reshape(n * s, 4)
+    log_params, log_initial = fit_multiple_shooting(
+        log_params, target, time, iterations, substeps, join_weight
+    )
+    unknowns = torch.cat([log_params, log_initial], 1)  # (N·S, 6)
+    unknowns = least_squares_polish(unknowns, target, time, polish, substeps)
+    return unknowns.reshape(n, s, 6) - to_scaled
+
+
 def lv_fit(
     context: np.ndarray,
     horizon: int,
     time: np.ndarray,
-    grid: tuple = (0.05, 0.15, 0.45),
+    grid: tuple[float, ...] = (0.05, 0.15, 0.45),
     iterations: int = 100,
     polish: int = 15,
     substeps: int = 8,
@@ -283,55 +318,23 @@ def lv_fit(
     1… = grid, −1 = the constant at the context mean).
     """
     n, c = context.shape[:2]
-    series = torch.from_numpy(context)  # (N, C, 2) float64
-    t = torch.from_numpy(time)
-    scale = series.amax((1, 2), keepdim=True).clamp_min(1e-12)  # (N, 1, 1)
-    floor = 1e-3 * scale
-    starts = initial_guesses(torch.maximum(series, floor), t[:c], grid)  # (N, S, 4)
-    s = starts.shape[1]
-    scaled = (series / scale).repeat_interleave(s, 0)  # (N·S, C, 2), fits series-major
-    # fit in units of the series' scale (x → x/scale turns b, c into b·scale, c·scale), so
-    # that one learning rate and one damping suit every series
-    log_scale = scale.log().reshape(n, 1, 1)
-    to_scaled = torch.cat(
-        [log_scale * torch.tensor([0.0, 1.0, 1.0, 0.0]), -log_scale.expand(n, 1, 2)], -1
-    )  # (N, 1, 6): added to log (a, b, c, d, x0, y0)
-    log_params, log_initial = fit_multiple_shooting(
-        (starts + to_scaled[..., :4]).reshape(n * s, 4),
-        scaled,
-        t[:c],
-        iterations,
-        substeps,
-        join_weight,
-    )
-    unknowns = least_squares_polish(
-        torch.cat([log_params, log_initial], 1), scaled, t[:c], polish, substeps
-    )
-    unknowns = unknowns.reshape(n, s, 6) - to_scaled  # back to the data's units
-    with torch.no_grad():
-        paths = integrate(
-            unknowns[..., :4].reshape(n * s, 4), unknowns[..., 4:].reshape(n * s, 2), t, substeps
-        ).reshape(n, s, c + horizon, 2)
-    # the constant at the context mean: an LV equilibrium, always finite, competes as start −1
-    mean = torch.maximum(series.mean(1, keepdim=True), floor)  # (N, 1, 2)
-    paths = torch.cat([mean[:, None].expand(n, 1, c + horizon, 2), paths], 1)  # (N, 1+S, T, 2)
+    series, t = torch.from_numpy(context), torch.from_numpy(time)  # (N, C, 2), (C + horizon,)
+    unknowns = fit_starts(series, t[:c], grid, iterations, polish, substeps, join_weight)
+    s = unknowns.shape[1]
+    paths = integrate(*unknowns.reshape(n * s, 6).split(4, 1), t, substeps)  # (N·S, C + h, 2)
+    # the constant at the context mean is an LV equilibrium (for a = d = 1 per time unit, b and
+    # c put (d/c, a/b) there): always finite, it competes as start −1
+    mean = series.mean(1).clamp_min(1e-15)  # (N, 2), > 0 for its logarithm
+    constant = torch.stack([torch.ones(n), 1 / mean[:, 1], 1 / mean[:, 0], torch.ones(n)], 1)
+    unknowns = torch.cat([torch.cat([constant.log(), mean.log()], 1)[:, None], unknowns], 1)
+    paths = torch.cat(
+        [mean[:, None, None].expand(n, 1, c + horizon, 2), paths.reshape(n, s, c + horizon, 2)], 1
+    )  # (N, 1+S, C + horizon, 2)
     residual = (paths[:, :, :c] - series[:, None]).square().mean((2, 3))  # (N, 1+S)
     residual = torch.where(torch.isfinite(paths).all(3).all(2), residual, torch.inf)
-    best = residual.argmin(1)  # (N,)
+    best = residual.argmin(1)  # (N,) the least squared error on the context wins
     rows = torch.arange(n)
-    # a = d = 1 per time unit, with b and c putting the equilibrium (d/c, a/b) at the mean
-    equilibrium = torch.stack(
-        [
-            torch.ones(n),
-            1 / mean[:, 0, 1],
-            1 / mean[:, 0, 0],
-            torch.ones(n),
-            mean[:, 0, 0],
-            mean[:, 0, 1],
-        ],
-        -1,
-    )  # (N, 6)
-    fitted = torch.cat([equilibrium[:, None], unknowns.exp()], 1)[rows, best]  # (N, 6)
+    fitted = unknowns[rows, best].exp()  # (N, 6)
     return BaselineForecast(
         paths[rows, best, c:].numpy(),
         {
@@ -390,7 +393,7 @@ def forecast(
     if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(NAMES)}")
     run = BASELINES[name]
-    allowed = list(inspect.signature(run).parameters)[3:]
+    allowed = list(inspect.signature(run).parameters)[3:]  # after context, horizon, time
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(

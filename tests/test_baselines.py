@@ -72,14 +72,14 @@ def test_lv_fit_recovers_the_simulator(simulated):
 def test_lv_fit_never_fails_on_series_that_are_not_lotka_volterra(simulated):
     series = not_lotka_volterra(simulated)
     context = series[:, :CONTEXT]
-    # grid 1000 adds starts whose ODE overflows in RK4 (a or d = 1000 per sampling interval)
+    # grid 1000 adds starts with a = 1000 per sampling interval (starts 3 and 4): the prey
+    # grows by e^1000 a step, their ODE overflows and they must never be chosen
     res = baselines.forecast(
         "lv-fit", context, HORIZON, TIME[: CONTEXT + HORIZON], grid=(0.15, 1000.0)
     )
     assert np.isfinite(res.forecasts).all() and (res.forecasts >= 0).all()
     assert np.isfinite(res.info["residual"]).all()
-    # starts 2, 3, 4 have a or d = 1000: they overflow and must never be chosen
-    assert set(res.info["start"].tolist()) <= {-1, 0, 1}
+    assert not {3, 4} & set(res.info["start"].tolist())  # measured starts: 0 1 1 0 −1 2 −1
     assert res.info["start"][6] == -1  # the alternating series: only the mean fits this well
     # the context-mean constant always competes, so no fit is worse on its context
     mean_residual = ((context - context.mean(1, keepdims=True)) ** 2).mean((1, 2))
