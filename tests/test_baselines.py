@@ -104,70 +104,25 @@ def test_lv_fit_batched_equals_one_series_at_a_time(simulated):
     np.testing.assert_allclose(batch.info["params"][1], alone.info["params"][0], rtol=1e-9)
 
 
-@pytest.mark.parametrize(
-    "name, context, horizon, time, options, message",
-    [
-        (
-            "arima",
-            np.ones((1, 3, 2)),
-            2,
-            None,
-            {},
-            "unknown baseline 'arima'; choose one of persistence, context-mean, linear, lv-fit",
-        ),
-        (
-            "linear",
-            np.ones((1, 3, 2)),
-            2,
-            None,
-            {"window": 3},
-            "baseline 'linear': unknown option(s) window; it takes k",
-        ),
-        (
-            "linear",
-            np.ones((1, 3, 2)),
-            2,
-            None,
-            {"k": 1},
-            "baseline 'linear': option k must be an integer ≥ 2, got 1",
-        ),
-        (
-            "persistence",
-            np.ones((3, 2)),
-            2,
-            None,
-            {},
-            "baselines: context must be (series, steps, 2) with at least one of each, got shape "
-            "(3, 2)",
-        ),
-        (
-            "persistence",
-            -np.ones((1, 3, 2)),
-            2,
-            None,
-            {},
-            "baselines: context has NaN, inf or negative values; populations ≥ 0",
-        ),
-        (
-            "persistence",
-            np.ones((1, 3, 2)),
-            0,
-            None,
-            {},
-            "baselines: horizon must be an integer ≥ 1, got 0",
-        ),
-        (
-            "lv-fit",
-            np.ones((1, 3, 2)),
-            2,
-            np.arange(4.0),
-            {},
-            "baselines: time must be 5 finite, strictly increasing stamps (context steps + "
-            "horizon), got shape (4,)",
-        ),
-    ],
-)
-def test_bad_input_is_one_line_error(name, context, horizon, time, options, message):
+ONE_LINE_ERRORS = [  # (baseline, what differs from a valid call, the exact message)
+    ("arima", {},
+     "unknown baseline 'arima'; choose one of persistence, context-mean, linear, lv-fit"),
+    ("linear", {"window": 3}, "baseline 'linear': unknown option(s) window; it takes k"),
+    ("linear", {"k": 1}, "baseline 'linear': option k must be an integer ≥ 2, got 1"),
+    ("persistence", {"context": np.ones((3, 2))},
+     "baselines: context must be (series, steps, 2) with at least one of each, got shape (3, 2)"),
+    ("persistence", {"context": -np.ones((1, 3, 2))},
+     "baselines: context has NaN, inf or negative values; populations ≥ 0"),
+    ("persistence", {"horizon": 0}, "baselines: horizon must be an integer ≥ 1, got 0"),
+    ("lv-fit", {"time": np.arange(4.0)},
+     "baselines: time must be 5 finite, strictly increasing stamps (context steps + horizon), "
+     "got shape (4,)"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, change, message", ONE_LINE_ERRORS)
+def test_bad_input_is_a_one_line_error(name, change, message):
+    call = {"context": np.ones((1, 3, 2)), "horizon": 2} | change
     with pytest.raises(ValueError) as error:
-        baselines.forecast(name, context, horizon, time, **options)
+        baselines.forecast(name, **call)
     assert str(error.value) == message
