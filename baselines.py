@@ -4,26 +4,29 @@
     res.forecasts  # (N, horizon, 2) in the data's units;  res.info: per-series diagnostics
 
 Every baseline sees what the model sees, the first C steps of each series (prey, predator),
-and forecasts the next `horizon` steps. None uses a language model, so none costs FLOPs in
-the project's ledger.
+and forecasts the next `horizon` steps. None uses a language model, so evaluate.py records
+each run in the FLOP ledger with 0 FLOPs.
 
     persistence    the last context value, repeated
     context-mean   the mean of the context, repeated
-    linear         a least-squares line through the last k context steps, clipped at 0
+    linear         a least-squares line through the last k context steps (default: all of
+                   them), continued and clipped at 0
     lv-fit         the Lotka–Volterra ODE fitted to the context, then integrated forward:
                        dx/dt = a·x − b·x·y        x = prey
                        dy/dt = c·x·y − d·y        y = predator
 
 lv-fit is the one baseline that knows the physics: on clean simulated data it recovers the
-simulator's parameters and its forecast is nearly exact, so it bounds what any forecaster can
-reach there. How it fits (details in `lv_fit`):
+simulator's parameters and its forecast is nearly exact, so it shows how close to exact a
+forecaster can get there. How it fits (details in `fit_starts`):
     1. starts     per series, one guess of (a, b, c, d) from a linear regression on the
                   integrated equations, and a grid of guesses that put the equilibrium at the
                   context's time average (on an LV cycle, mean x = d/c and mean y = a/b)
     2. fit        all series × all starts in one tensor program, by multiple shooting: every
                   context step k has its own state, RK4 carries it to step k+1, and a penalty
                   joins the pieces into one trajectory (short integrations keep the loss smooth
-                  where one long integration would have a local minimum per cycle miscounted)
+                  where one long integration would have a local minimum per cycle miscounted);
+                  then a few Levenberg–Marquardt steps on the one-piece trajectory, from the
+                  first state, converge tightly
     3. choose     each start's fitted (parameters, initial state) is integrated once over the
                   context and the horizon; the start with the least squared error on the
                   context wins. The constant trajectory at the context mean (an LV equilibrium)
