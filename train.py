@@ -309,7 +309,7 @@ def check_resume_config(run: Path, args, data_sha256: str) -> dict:
                        f"steps that {run}'s cosine schedule decays over; resume with --steps "
                        f"{saved.get('steps')}, or start a new run to train longer")
     free = {"steps", "resume", "force", "eval_every", "checkpoint_every", "device", "ledger",
-            "flops_budget", "tensorboard"}
+            "flops_budget", "tensorboard", "out"}  # a moved or copied run folder resumes
     if args.early_stop:  # evaluations decide when it stops
         free.remove("eval_every")
     changed = {k: (saved[k], v) for k, v in vars(args).items()
@@ -543,11 +543,13 @@ def run_training(args: argparse.Namespace) -> int:
     start, cfg, B, L = progress.step, model.cfg, args.batch_size, args.context_length
     # the whole remaining run is planned; the ledger records only what runs (early stopping)
     planned = (args.steps - start) * flops.train_step_flops(cfg, B, L, args.rank, targets)
-    if args.eval_every:  # validation is forward-only, batches of B windows of L tokens
+    if args.eval_every:  # validation is forward-only: full batches of B windows, then the rest
         n_evals = args.steps // args.eval_every - start // args.eval_every
-        eval_batches = math.ceil(len(val["input_ids"]) / B)
-        per_batch = flops.teacher_forced_flops(cfg, B, L, args.rank, targets)
-        planned += n_evals * eval_batches * per_batch
+        full, rest = divmod(len(val["input_ids"]), B)
+        batches = [B] * full + ([rest] if rest else [])
+        per_eval = sum(flops.teacher_forced_flops(cfg, rows, L, args.rank, targets)
+                       for rows in batches)
+        planned += n_evals * per_eval
     try:
         flops.check_budget(args.ledger, planned, args.flops_budget, args.force)
     except flops.BudgetError as e:
