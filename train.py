@@ -346,6 +346,9 @@ def truncate_metrics(path: Path, step: int) -> None:
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
+PLOT_SECONDS = 60  # loss.png is redrawn at a checkpoint at most this often (0.5 s a figure)
+
+
 def plot_loss(run: Path) -> None:
     import matplotlib
 
@@ -443,7 +446,6 @@ def checkpoint(run: Path, progress: Progress, ledger: RunLedger, model, optimize
     if not args.early_stop:  # with early stopping, adapter/ is the best one, written when found
         save_adapter(model, run / "adapter", args.model, metadata | {"step": progress.step})
     save_state(run, progress, model, optimizer)
-    plot_loss(run)
 
 
 def stop_record(progress: Progress, args) -> dict:
@@ -573,6 +575,7 @@ def run_training(args: argparse.Namespace) -> int:
     writer = SummaryWriter(str(run / "tensorboard"), purge_step=start) if SummaryWriter else None
     used_before = flops.ledger_total(args.ledger)
     session_flops, t0 = 0, time.time()
+    plotted = t0
     try:
         with StopFlag() as stop:
             bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train",
@@ -612,6 +615,9 @@ def run_training(args: argparse.Namespace) -> int:
                 ending = stop.requested or progress.stopped_early or progress.step == args.steps
                 if ending or progress.step % args.checkpoint_every == 0:
                     checkpoint(run, progress, ledger, model, optimizer, args, metadata)
+                    if ending or time.time() - plotted >= PLOT_SECONDS:
+                        plot_loss(run)
+                        plotted = time.time()
                 if stop.requested or progress.stopped_early:
                     break
             bar.close()

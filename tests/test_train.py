@@ -312,7 +312,8 @@ def test_tensorboard_event_file_holds_the_logged_scalars(small, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "tb"
-    argv = train_args(small, run, "--steps", "2", "--eval-every", "2", "--tensorboard")
+    argv = train_args(small, run, "--steps", "2", "--eval-every", "2", "--eval-windows", "2",
+                      "--tensorboard")
     assert train.main(argv) == 0
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
