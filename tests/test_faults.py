@@ -26,7 +26,7 @@ from tools.checkpoints import TINY, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 3  # checkpoints (and ledger records) at steps 3, 6, 9, 12
-# one thread: the same arithmetic in every process, and no spinning threads on a busy machine
+# one thread: the same arithmetic in every run (see train_here), no spinning on a busy machine
 ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 
 # Runs train.main with a SIGKILL planted inside a checkpoint: at the n-th write of state.pt
@@ -86,7 +86,7 @@ def setup(tmp_path_factory):
     trajectories, time_ = data.simulate(n_systems=20, n_steps=30, seed=3)
     h5 = data.write_h5(root / "lv.h5", trajectories, time_)
     straight = root / "straight"
-    assert run_train(train_args(ckpt, h5, straight)).wait(timeout=300) == 0
+    assert train_here(train_args(ckpt, h5, straight)) == 0
     return ckpt, h5, straight
 
 
@@ -97,7 +97,19 @@ def train_args(ckpt: Path, h5: Path, run: Path) -> list[str]:
             "--eval-windows", "2", "--ledger", str(run / "ledger.jsonl")]
 
 
+def train_here(argv: list[str]) -> int:
+    """train.main in this process (no second start-up), on one thread as the killed processes
+    run, so that the arithmetic is the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_train(argv: list[str], planted: tuple[str, int] | None = None) -> subprocess.Popen:
+    """train.py in a process of its own, to be killed."""
     script = ["-c", PLANTED, *map(str, planted)] if planted else ["train.py"]
     return subprocess.Popen([sys.executable, *script, *argv], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,7 +138,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(setup, tmp_path, where
     else:
         assert run_train(argv, (where, when)).wait(timeout=300) == -signal.SIGKILL
     killed_at = train.read_state(run / "state.pt")["step"]  # loads with weights_only=True
-    assert run_train(argv + ["--resume"]).wait(timeout=300) == 0
+    assert train_here(argv + ["--resume"]) == 0
 
     want = load_file(straight / "adapter" / "adapter_model.safetensors")
     got = load_file(run / "adapter" / "adapter_model.safetensors")
