@@ -143,6 +143,9 @@ def test_eval_every_validates_at_its_multiples_and_counts_the_flops(small, tmp_p
                      for rows in (2, 1))  # 3 windows in batches of 2
     ledger = flops.read_ledger(tmp_path / "ev-ledger.jsonl")
     assert [(r["steps"], r["flops"]) for r in ledger] == [([0, 5], 5 * step + 2 * evaluation)]
+    # the budget check planned exactly what ran
+    plan = train.planned_flops(train.parse_args(argv), cfg, ("q_proj", "v_proj"), 0, 3)
+    assert plan == 5 * step + 2 * evaluation
 
 
 def test_sigterm_finishes_the_step_and_checkpoints(small, tmp_path):
