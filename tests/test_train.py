@@ -204,6 +204,13 @@ def test_a_bad_numeric_flag_is_one_line_and_exit_2(flags, message, capsys):
     assert capsys.readouterr().err == f"train.py: error: {message}\n"
 
 
+def test_an_unknown_target_is_one_line_and_exit_2(small, tmp_path, capsys):
+    assert train.main(train_args(small, tmp_path / "t", "--targets", "q_proj,qproj")) == 2
+    assert capsys.readouterr().err == (
+        "error: --targets q_proj,qproj: LoRA targets ['q_proj', 'qproj']: expected one or more "
+        "of ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']\n")
+
+
 def test_stride_defaults_to_the_context_up_to_256():
     assert train.parse_args(["--context-length", "128"]).stride == 128
     assert train.parse_args([]).stride == 256
