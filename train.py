@@ -496,6 +496,20 @@ class StopFlag:
         print("\nstopping after this step (again to abort at once)...", file=sys.stderr)
 
 
+def planned_flops(args, cfg, targets: tuple[str, ...], start: int, n_val: int) -> int:
+    """The FLOPs of steps start..--steps and their validations, for the budget check. The whole
+    remaining run is planned; the ledger then records only what runs (early stopping)."""
+    B, L = args.batch_size, args.context_length
+    planned = (args.steps - start) * flops.train_step_flops(cfg, B, L, args.rank, targets)
+    if args.eval_every:  # validation is forward-only: full batches of B windows, then the rest
+        n_evals = args.steps // args.eval_every - start // args.eval_every
+        full, rest = divmod(n_val, B)
+        batches = [B] * full + ([rest] if rest else [])
+        planned += n_evals * sum(flops.teacher_forced_flops(cfg, rows, L, args.rank, targets)
+                                 for rows in batches)
+    return planned
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -544,16 +558,8 @@ def run_training(args: argparse.Namespace) -> int:
               f"({stop_record(progress, args)['why']}); nothing to do")
         return 0
 
-    start, cfg, B, L = progress.step, model.cfg, args.batch_size, args.context_length
-    # the whole remaining run is planned; the ledger records only what runs (early stopping)
-    planned = (args.steps - start) * flops.train_step_flops(cfg, B, L, args.rank, targets)
-    if args.eval_every:  # validation is forward-only: full batches of B windows, then the rest
-        n_evals = args.steps // args.eval_every - start // args.eval_every
-        full, rest = divmod(len(val["input_ids"]), B)
-        batches = [B] * full + ([rest] if rest else [])
-        per_eval = sum(flops.teacher_forced_flops(cfg, rows, L, args.rank, targets)
-                       for rows in batches)
-        planned += n_evals * per_eval
+    start, B, L = progress.step, args.batch_size, args.context_length
+    planned = planned_flops(args, model.cfg, targets, start, len(val["input_ids"]))
     try:
         flops.check_budget(args.ledger, planned, args.flops_budget, args.force)
     except flops.BudgetError as e:
