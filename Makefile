@@ -30,7 +30,8 @@ data:
 flops:
 	$(PY) flops.py
 
-# LoRA fine-tuning with the published best setting (rank 8, lr 1e-4, context 768, 3000 steps)
+# LoRA fine-tuning with the published best setting (rank 8, lr 1e-4, context 768, 3000 steps);
+# e.g. ARGS="--resume", ARGS="--eval-every 100 --early-stop 5", ARGS="--tensorboard"
 train:
 	$(PY) train.py --model $(MODEL) --data $(DATA) --out $(RUN) $(ARGS)
 

@@ -370,28 +370,40 @@ def training_windows(
     """Cut each series' token ids into windows → input_ids, labels, attention_mask, each (N, L).
 
     Windows follow `window_starts`, so every token is in some window and each series' last
-    token is the last position of its last window. Short windows are left-padded with pad_id:
-    labels are the input ids with −100 on padding, and the attention mask is 0 there.
+    token is the last position of its last window (except a last window of a single token,
+    possible only when stride = context_length: it predicts nothing and is left out). Short
+    windows are left-padded with pad_id: the attention mask is 0 there, and labels are the
+    input ids with −100 on padding and on the first real token of a padded window. That token
+    would be predicted from the last pad position, whose output is implementation-defined
+    (ours and transformers' differ there), so every counted label is predicted from a real
+    token.
     """
     if context_length < 1 or not 1 <= stride <= context_length:
         raise DataError(
             f"training windows: need context_length ≥ 1 and 1 ≤ stride ≤ context_length (so "
             f"no token is skipped), got context_length={context_length}, stride={stride}"
         )
+    # a window of one token predicts nothing (its only token is masked below), and a batch of
+    # such windows would have a loss of 0/0: it is left out
     windows = [
-        ids[s : s + context_length]
+        window
         for ids in token_lists
         for s in window_starts(len(ids), context_length, stride)
-        if ids
+        if len(window := ids[s : s + context_length]) >= 2
     ]
     if not windows:
-        raise DataError("training windows: no tokens (the list of series is empty)")
+        raise DataError(
+            "training windows: no tokens to predict (no series has 2 or more tokens)"
+        )
     input_ids = torch.full((len(windows), context_length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(windows), context_length), dtype=torch.long)
     for row, ids in enumerate(windows):
         input_ids[row, context_length - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, context_length - len(ids) :] = 1
-    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    # position t predicts label t (from t − 1): a label counts when t − 1 is a real token
+    predicted_from_pad = torch.zeros_like(attention_mask, dtype=torch.bool)
+    predicted_from_pad[:, 1:] = attention_mask[:, :-1] == 0
+    labels = input_ids.masked_fill((attention_mask == 0) | predicted_from_pad, IGNORE_INDEX)
     return input_ids, labels, attention_mask
 
 

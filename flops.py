@@ -44,14 +44,15 @@ Conventions (the coursework's rules; costs: add/sub/negate/multiply/divide 1, ex
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 from qwen_min.model import Qwen2Config
-from qwen_min.runtime import atomic_write_bytes
 
 BUDGET = 1e17
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -459,16 +460,33 @@ def _check_record(record: object, where: str) -> dict:
 
 
 def append_ledger(path: str | Path, record: dict) -> None:
-    """Append one record {kind, name, flops, ...} (+ timestamp, UTC) as a JSON line, atomically:
-    the old lines and the new one go to a temp file that then replaces the ledger. One writer at
-    a time: two processes appending at the same moment could lose one record."""
+    """Append one record {kind, name, flops, ...} (+ timestamp, UTC) as one JSON line.
+
+    Safe with several writers (two terminals, a sweep on two GPUs): each append holds an
+    exclusive flock on `<ledger>.lock` beside the ledger, writes the line with one O_APPEND
+    write and fsyncs it before letting go, so no record is lost or interleaved and a record
+    that returned is on disk. The lock is a separate file because the ledger itself is only
+    ever appended to, never replaced."""
     record = _check_record(dict(record), f"ledger record for {path}")
     record.setdefault("timestamp", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    line = (json.dumps(record) + "\n").encode()
     path = Path(path)
-    old = path.read_bytes() if path.exists() else b""
-    if old and not old.endswith(b"\n"):
-        old += b"\n"
-    atomic_write_bytes(path, old + (json.dumps(record) + "\n").encode())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the lock file is closed
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if _ends_without_newline(fd):  # a line someone wrote by hand without one
+                line = b"\n" + line
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _ends_without_newline(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
 
 def read_ledger(path: str | Path) -> list[dict]:

@@ -5,9 +5,11 @@
     python train.py --model runs/demo/tiny-qwen2 ...     # any local Hugging Face folder
 
 A run folder holds everything evaluation needs: `adapter/` (PEFT format plus qwen_min.json
-with the data's α, decimals and this training config), `state.pt` (the resumable state:
-LoRA tensors, Adam, RNG, step), `metrics.jsonl` and `loss.png`. Every invocation appends its
-counted FLOPs (3 × the forward pass, from the model's own hooks) to the ledger.
+with the data's α, decimals, this training config and the step), `state.pt` (the resumable
+state: LoRA tensors, Adam, RNG, step, early-stopping progress; loads with weights_only=True),
+`config.json` (the flags, and why the run stopped), `metrics.jsonl` and `loss.png`. Each
+checkpoint first appends the counted FLOPs of the steps since the last one (3 × the forward
+pass, from the model's own hooks) to the ledger, so a killed run's FLOPs stay counted.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import hashlib
 import io
 import json
 import math
+import pickle
 import signal
 import sys
 import time
+import uuid
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +46,7 @@ DEFAULTS = dict(
     targets="q_proj,v_proj",
     lr=1e-4,
     context_length=768,
-    stride=256,
+    stride=None,  # None: min(256, context_length)
     batch_size=4,
     steps=3000,
     seed=0,
@@ -54,9 +59,11 @@ DEFAULTS = dict(
     out=None,
     eval_every=0,
     eval_windows=16,
+    early_stop=0,
     checkpoint_every=100,
     flops_budget=flops.BUDGET,
     ledger="runs/ledger.jsonl",
+    tensorboard=False,
 )
 
 
@@ -69,9 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", help="comma-separated projections to adapt")
     p.add_argument("--lr", type=float)
     p.add_argument("--context-length", type=int)
-    p.add_argument("--stride", type=int)
+    p.add_argument("--stride", type=int, help="window start every N tokens (default: "
+                   "min(256, --context-length))")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--steps", type=int, help="total optimizer steps (raise it with --resume)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (raise it with --resume, "
+                   "constant schedule only)")
     p.add_argument("--seed", type=int, help="LoRA init, data order and dropout")
     p.add_argument("--split-seed", type=int, help="train/val/test permutation")
     p.add_argument("--decimals", type=int)
@@ -81,19 +90,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--out", help="run folder (default runs/r{rank}-lr{lr}-ctx{context})")
     p.add_argument("--eval-every", type=int, help="validation loss every N steps (0: off)")
-    p.add_argument("--eval-windows", type=int, help="fixed validation windows for --eval-every")
+    p.add_argument("--eval-windows", type=int, help="validation windows for --eval-every (the "
+                   "first N windows of the validation series)")
+    p.add_argument("--early-stop", type=int, help="stop when the validation loss has not "
+                   "improved for N evaluations; adapter/ is then the best one (0: off)")
     p.add_argument("--checkpoint-every", type=int)
     p.add_argument("--flops-budget", type=float)
     p.add_argument("--ledger", help="JSONL ledger of counted FLOPs across all runs")
+    p.add_argument("--tensorboard", action="store_true", help="log scalars to <out>/tensorboard "
+                   "(pip install '.[tracking]')")
     p.add_argument("--force", action="store_true", help="run even if the budget would be exceeded")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.set_defaults(**DEFAULTS)
     args = p.parse_args(argv)
     if args.alpha is None:
         args.alpha = float(args.rank)
+    if args.stride is None:
+        args.stride = min(256, args.context_length)
+    if problem := flag_problem(args):
+        p.exit(2, f"train.py: error: {problem}\n")
     if args.out is None:
         args.out = f"runs/r{args.rank}-lr{args.lr:g}-ctx{args.context_length}"
     return args
+
+
+def flag_problem(args: argparse.Namespace) -> str | None:
+    """The first numeric flag that is out of range, as a message naming it (None: all fine)."""
+
+    def positive(x: float) -> bool:
+        return math.isfinite(x) and x > 0
+
+    checks = [  # (flag, value, valid, what is expected)
+        ("--rank", args.rank, args.rank >= 1, "an integer ≥ 1"),
+        ("--alpha", args.alpha, positive(args.alpha), "a number > 0 (default: = --rank)"),
+        ("--lr", args.lr, positive(args.lr), "a number > 0"),
+        ("--context-length", args.context_length, args.context_length >= 2,
+         "an integer ≥ 2 (a window needs a token to predict from)"),
+        ("--stride", args.stride, 1 <= args.stride <= args.context_length,
+         f"an integer from 1 to --context-length ({args.context_length}), so no token is skipped"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, "an integer ≥ 1"),
+        ("--steps", args.steps, args.steps >= 1, "an integer ≥ 1"),
+        ("--warmup", args.warmup, 0 <= args.warmup <= args.steps,
+         f"an integer from 0 to --steps ({args.steps})"),
+        ("--seed", args.seed, args.seed >= 0, "an integer ≥ 0"),
+        ("--split-seed", args.split_seed, args.split_seed >= 0, "an integer ≥ 0"),
+        ("--decimals", args.decimals, 0 <= args.decimals <= 6, "an integer from 0 to 6"),
+        ("--eval-every", args.eval_every, args.eval_every >= 0, "an integer ≥ 0 (0: off)"),
+        ("--eval-windows", args.eval_windows, args.eval_windows >= 1, "an integer ≥ 1"),
+        ("--early-stop", args.early_stop, args.early_stop >= 0, "an integer ≥ 0 (0: off)"),
+        ("--early-stop", args.early_stop, not args.early_stop or 1 <= args.eval_every <= args.steps,
+         f"used with --eval-every from 1 to --steps ({args.steps}), which it counts "
+         f"evaluations of (got --eval-every {args.eval_every})"),
+        ("--checkpoint-every", args.checkpoint_every, args.checkpoint_every >= 1,
+         "an integer ≥ 1"),
+        ("--flops-budget", args.flops_budget, positive(args.flops_budget), "a number > 0"),
+    ]
+    for flag, value, valid, expected in checks:
+        if not valid:
+            return f"{flag} {value}: expected {expected}"
+    return None
+
+
+class RunError(Exception):
+    """A run folder or state file that cannot be used; main prints it as one line, exit 2."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -118,7 +177,21 @@ def prepare_windows(args, tokenizer) -> tuple[data.LLMTimeScaler, dict, dict]:
         ids, labels, mask = data.training_windows(tokens, args.context_length, args.stride)
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
-    return scaler, windows(split["train"]), windows(split["val"][: args.eval_windows])
+    # --eval-windows counts windows: the first N of all validation series' windows, in order
+    val = {k: v[: args.eval_windows] for k, v in windows(split["val"]).items()}
+    return scaler, windows(split["train"]), val
+
+
+def device_batch(windows: dict, rows, device) -> dict:
+    """Rows of a window dict on `device`. A batch without padding gets attention_mask None:
+    the model then runs plain causal attention (SDPA's is_causal, the fast path); deciding it
+    here on the CPU tensor costs no device synchronisation."""
+    mask = windows["attention_mask"][rows]
+    return {
+        "input_ids": windows["input_ids"][rows].to(device),
+        "labels": windows["labels"][rows].to(device),
+        "attention_mask": None if bool(mask.all()) else mask.to(device),
+    }
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
@@ -141,55 +214,115 @@ def learning_rate(step: int, args) -> float:
 
 # ----------------------------------------------------------------------------- state
 
+# 2: loads with weights_only=True and carries the run id and early-stopping progress; 1 (no
+# "format" field) was pickled whole and recorded its FLOPs on the ledger only at exit
+STATE_FORMAT = 2
 
-def save_state(run: Path, step: int, model, optimizer, counted: int) -> None:
-    """Everything a resume needs, in one atomically replaced file."""
+
+@dataclass
+class Progress:
+    """Where a run stands: saved in state.pt at every checkpoint, restored by --resume."""
+
+    run_id: str
+    step: int = 0
+    flops: int = 0  # counted over the whole run (every session), as the ledger records it
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    stopped_early: bool = False
+
+    def validated(self, val_loss: float, step: int) -> bool:
+        """Note a validation loss; True if it is the best so far."""
+        if self.best_val_loss is not None and val_loss >= self.best_val_loss:
+            self.evals_since_best += 1
+            return False
+        self.best_val_loss, self.best_step, self.evals_since_best = val_loss, step, 0
+        return True
+
+
+def save_state(run: Path, progress: Progress, model, optimizer) -> None:
+    """Everything a resume needs, in one atomically replaced file. Only tensors, numbers,
+    strings, lists and dicts, so that it loads with torch.load(weights_only=True)."""
     buf = io.BytesIO()
     torch.save({
-        "step": step,
+        "format": STATE_FORMAT,
+        **asdict(progress),
         "lora": {k: v.detach().cpu() for k, v in lora_parameters(model).items()},
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "flops": counted,
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }, buf)
     atomic_write_bytes(run / "state.pt", buf.getvalue())
 
 
-def load_state(run: Path, model, optimizer) -> tuple[int, int]:
-    path = run / "state.pt"
+def read_state(path: Path) -> dict:
+    """state.pt as a dict, or RunError with one line that names the file and what to do."""
     if not path.exists():
-        raise SystemExit(f"--resume: {path} does not exist; start the run without --resume")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+        raise RunError(f"--resume: {path} does not exist; start the run without --resume")
+    try:  # weights_only: resuming someone's run folder must not run code from its pickle
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise RunError(f"{path}: holds objects other than tensors, numbers, strings, lists and "
+                       "dicts, so it is not a train.py state file; do not resume from it, start "
+                       "a new run in another --out") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunError(f"{path}: cannot be read ({reason}); it is truncated or not a train.py "
+                       "state file: restore it, or start a new run in another --out") from None
+    if not isinstance(state, dict) or not {"step", "lora", "optimizer"} <= set(state):
+        raise RunError(f"{path}: not a train.py state file (expected a dict with 'format', "
+                       "'step', 'lora', 'optimizer', ...); start a new run in another --out")
+    if state.get("format") != STATE_FORMAT:
+        raise RunError(f"{path}: a run folder from an older train.py (state format "
+                       f"{state.get('format', 1)}, this train.py reads {STATE_FORMAT}); finish "
+                       "it with the train.py that started it, or start a new run in another "
+                       "--out")
+    return state
+
+
+def restore(state: dict, path: Path, model, optimizer) -> Progress:
     params = lora_parameters(model)
     if set(params) != set(state["lora"]):
-        raise SystemExit(f"{path}: its LoRA tensors do not match this model/--rank/--targets")
+        raise RunError(f"{path}: its LoRA tensors do not match this model/--rank/--targets")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state["lora"][k])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
+    if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"], state["flops"]
+    return Progress(**{f.name: state[f.name] for f in fields(Progress)})
 
 
-def check_resume_config(run: Path, args, data_sha256: str) -> None:
-    """A resumed run must be the same run: only --steps (and bookkeeping flags) may change,
-    and the data file must hold the same bytes."""
+def check_resume_config(run: Path, args, data_sha256: str) -> dict:
+    """A resumed run must be the same run: only --steps (constant schedule) and bookkeeping
+    flags may change, and the data file must hold the same bytes. Returns config.json."""
     if not (run / "config.json").exists():
-        raise SystemExit(f"--resume: {run}/config.json does not exist; start the run without "
-                         "--resume")
+        raise RunError(f"--resume: {run}/config.json does not exist; start the run without "
+                       "--resume")
     saved = json.loads((run / "config.json").read_text())
     if saved.get("data_sha256") != data_sha256:
-        raise SystemExit(f"--resume: {args.data} is not the data file {run} was trained on "
-                         "(its SHA-256 differs); resume with the original file")
+        raise RunError(f"--resume: {args.data} is not the data file {run} was trained on "
+                       "(its SHA-256 differs); resume with the original file")
+    # the cosine schedule's horizon is --steps: a new horizon would change the learning rate
+    # of every step still to come (raising it moves the schedule backwards), so it is refused
+    if saved.get("schedule") == "cosine" and saved.get("steps") != args.steps:
+        raise RunError(f"--resume: --steps {args.steps} differs from the {saved.get('steps')} "
+                       f"steps that {run}'s cosine schedule decays over; resume with --steps "
+                       f"{saved.get('steps')}, or start a new run to train longer")
     free = {"steps", "resume", "force", "eval_every", "checkpoint_every", "device", "ledger",
-            "flops_budget"}
+            "flops_budget", "tensorboard", "out"}  # a moved or copied run folder resumes
+    if args.early_stop:  # evaluations decide when it stops
+        free.remove("eval_every")
     changed = {k: (saved[k], v) for k, v in vars(args).items()
                if k not in free and k in saved and saved[k] != v}
     if changed:
-        raise SystemExit(f"--resume: {run}/config.json differs from these flags: {changed}")
+        raise RunError(f"--resume: {run}/config.json differs from these flags: {changed}")
+    return saved
+
+
+def write_config(run: Path, config: dict) -> None:
+    atomic_write_bytes(run / "config.json", json.dumps(config, indent=2).encode())
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -197,12 +330,25 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a line cut short by a kill (only ever the last) is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop records newer than the checkpoint we resume from, so none are duplicated."""
     if path.exists():
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_bytes(path, "".join(x + "\n" for x in keep).encode())
+        keep = [r for r in read_metrics(path) if r["step"] <= step]
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+
+
+PLOT_SECONDS = 60  # loss.png is redrawn at a checkpoint at most this often (0.5 s a figure)
 
 
 def plot_loss(run: Path) -> None:
@@ -211,7 +357,7 @@ def plot_loss(run: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
+    records = read_metrics(run / "metrics.jsonl")
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train:
@@ -237,17 +383,21 @@ def plot_loss(run: Path) -> None:
 
 @torch.no_grad()
 def validation_loss(model, val: dict, batch_size: int, device, dtype) -> tuple[float, int]:
-    """Teacher-forced loss on the fixed validation windows; returns (loss, counted FLOPs)."""
+    """Teacher-forced loss on the fixed validation windows, the mean over all their counted
+    target tokens (each batch's mean weighted by its counted tokens, not by its windows);
+    returns (loss, counted FLOPs). Every window has a counted token (data.training_windows)."""
     model.eval()
     total, n = 0.0, 0
     with count_flops() as c:
         for i in range(0, len(val["input_ids"]), batch_size):
-            batch = {k: v[i : i + batch_size].to(device) for k, v in val.items()}
+            rows = slice(i, i + batch_size)
+            batch = device_batch(val, rows, device)
+            counted = int((val["labels"][rows, 1:] != data.IGNORE_INDEX).sum())
             with autocast(device, dtype):
                 loss = model.loss(batch["input_ids"], batch["labels"], batch["attention_mask"])
-            total, n = total + loss.item() * len(batch["input_ids"]), n + len(batch["input_ids"])
+            total, n = total + loss.item() * counted, n + counted
     model.train()
-    return total / max(n, 1), c.total
+    return total / n, c.total
 
 
 def train_step(model, optimizer, batch: dict, lr: float, device, dtype) -> tuple[float, int]:
@@ -260,6 +410,68 @@ def train_step(model, optimizer, batch: dict, lr: float, device, dtype) -> tuple
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item(), 3 * c.total  # backward counts as exactly 2× the forward pass
+
+
+class RunLedger:
+    """This run's FLOPs on the shared ledger: one record per step range, naming the run.
+
+    Each checkpoint records the steps since the previous record *before* state.pt moves on.
+    A kill between the two makes --resume run those steps again and record them again (they
+    did run twice); the other order would lose them from the ledger. A kill between two
+    checkpoints loses at most the --checkpoint-every steps that also ran unrecorded."""
+
+    def __init__(self, args, run: Path, progress: Progress, targets: tuple[str, ...]):
+        self.path, self.recorded_step, self.pending = args.ledger, progress.step, 0
+        self.fields = {
+            "kind": "train", "name": str(run), "run_id": progress.run_id,
+            "batch_size": args.batch_size, "context_length": args.context_length,
+            "rank": args.rank, "targets": list(targets), "lr": args.lr,
+        }
+
+    def add(self, n_flops: int) -> None:
+        self.pending += n_flops
+
+    def record(self, step: int) -> None:
+        if step == self.recorded_step and not self.pending:
+            return
+        flops.append_ledger(self.path, self.fields | {
+            "flops": self.pending, "steps": [self.recorded_step, step]})
+        self.recorded_step, self.pending = step, 0
+
+
+def checkpoint(run: Path, progress: Progress, ledger: RunLedger, model, optimizer, args,
+               metadata: dict) -> None:
+    """Ledger, then adapter, then state.pt: state.pt is the commit point a resume starts from,
+    so whatever a kill interrupts, the ledger already holds these steps, and adapter/ is never
+    older than the state (a resume rewrites it)."""
+    ledger.record(progress.step)
+    if not args.early_stop:  # with early stopping, adapter/ is the best one, written when found
+        save_adapter(model, run / "adapter", args.model, metadata | {"step": progress.step})
+    save_state(run, progress, model, optimizer)
+
+
+def stop_record(progress: Progress, args) -> dict:
+    """Why the run stopped, for config.json."""
+    if progress.stopped_early:
+        why = (f"the validation loss did not improve for {args.early_stop} evaluations (every "
+               f"{args.eval_every} steps); adapter/ is the best, from step {progress.best_step}")
+        reason = "early_stop"
+    elif progress.step >= args.steps:
+        reason, why = "completed", f"reached --steps {args.steps}"
+    else:
+        reason, why = "interrupted", "SIGTERM or Ctrl-C; continue with --resume"
+    return {"reason": reason, "why": why, "step": progress.step,
+            "best_step": progress.best_step, "best_val_loss": progress.best_val_loss}
+
+
+def tensorboard_writer_class():
+    """torch's SummaryWriter, imported only for --tensorboard: tensorboard is an optional extra."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise RunError("--tensorboard needs the optional extra 'tracking' (the tensorboard "
+                       "package): pip install '.[tracking]', or leave out --tensorboard") from None
+    return SummaryWriter
 
 
 class StopFlag:
@@ -284,9 +496,32 @@ class StopFlag:
         print("\nstopping after this step (again to abort at once)...", file=sys.stderr)
 
 
+def planned_flops(args, cfg, targets: tuple[str, ...], start: int, n_val: int) -> int:
+    """The FLOPs of steps start..--steps and their validations, for the budget check. The whole
+    remaining run is planned; the ledger then records only what runs (early stopping)."""
+    B, L = args.batch_size, args.context_length
+    planned = (args.steps - start) * flops.train_step_flops(cfg, B, L, args.rank, targets)
+    if args.eval_every:  # validation is forward-only: full batches of B windows, then the rest
+        n_evals = args.steps // args.eval_every - start // args.eval_every
+        full, rest = divmod(n_val, B)
+        batches = [B] * full + ([rest] if rest else [])
+        planned += n_evals * sum(flops.teacher_forced_flops(cfg, rows, L, args.rank, targets)
+                                 for rows in batches)
+    return planned
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return run_training(args)
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_training(args: argparse.Namespace) -> int:
     run = Path(args.out)
+    SummaryWriter = tensorboard_writer_class() if args.tensorboard else None
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
@@ -297,44 +532,40 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.model)
         scaler, train, val = prepare_windows(args, tokenizer)
     except (CheckpointError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise RunError(str(e)) from None
     torch.manual_seed(args.seed)
-    n_trainable = apply_lora(model, args.rank, args.alpha, targets)
+    try:
+        n_trainable = apply_lora(model, args.rank, args.alpha, targets)
+    except ValueError as e:
+        raise RunError(f"--targets {args.targets}: {e}") from None
     model.to(device).train()
     optimizer = torch.optim.Adam(list(lora_parameters(model).values()), lr=args.lr)
 
     data_sha256 = file_sha256(args.data)
     if args.resume:
-        check_resume_config(run, args, data_sha256)
-        start, counted = load_state(run, model, optimizer)
-        truncate_metrics(run / "metrics.jsonl", start)
+        config = check_resume_config(run, args, data_sha256)
+        progress = restore(read_state(run / "state.pt"), run / "state.pt", model, optimizer)
+        truncate_metrics(run / "metrics.jsonl", progress.step)
     else:
         if (run / "state.pt").exists():
-            print(f"error: {run} already holds a run; pass --resume to continue it, or choose "
-                  "another --out", file=sys.stderr)
-            return 2
-        start, counted = 0, 0
-    if start >= args.steps:
-        print(f"{run}: already at step {start} of {args.steps}; raise --steps to train more")
+            raise RunError(f"{run} already holds a run; pass --resume to continue it, or choose "
+                           "another --out")
+        progress = Progress(run_id=uuid.uuid4().hex)
+        config = vars(args) | {"data_sha256": data_sha256, "run_id": progress.run_id}
+    if progress.stopped_early or progress.step >= args.steps:
+        write_config(run, config | {"stopped": stop_record(progress, args)})
+        print(f"{run}: already stopped at step {progress.step} "
+              f"({stop_record(progress, args)['why']}); nothing to do")
         return 0
 
-    cfg, B, L = model.cfg, args.batch_size, args.context_length
-    step_flops = flops.train_step_flops(cfg, B, L, args.rank, targets)
-    planned = (args.steps - start) * step_flops
-    if args.eval_every:  # validation is forward-only, batches of B windows of L tokens
-        n_evals = args.steps // args.eval_every - start // args.eval_every
-        eval_batches = math.ceil(len(val["input_ids"]) / B)
-        per_batch = flops.teacher_forced_flops(cfg, B, L, args.rank, targets)
-        planned += n_evals * eval_batches * per_batch
+    start, B, L = progress.step, args.batch_size, args.context_length
+    planned = planned_flops(args, model.cfg, targets, start, len(val["input_ids"]))
     try:
         flops.check_budget(args.ledger, planned, args.flops_budget, args.force)
     except flops.BudgetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    if not args.resume:
-        config = vars(args) | {"data_sha256": data_sha256}
-        atomic_write_bytes(run / "config.json", json.dumps(config, indent=2).encode())
+    write_config(run, config)
 
     metadata = {
         "scaler": scaler.to_dict(),
@@ -343,53 +574,74 @@ def main(argv: list[str] | None = None) -> int:
         "trainable_parameters": n_trainable,
     }
     n_windows = len(train["input_ids"])
-    used_before = flops.ledger_total(args.ledger)
     print(f"{run}: {n_windows} training windows of {L} tokens, LoRA r={args.rank} "
           f"alpha={args.alpha:g} on {','.join(targets)} ({n_trainable:,} trainable), "
           f"{device} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, "
           f"planned {planned:.3g} FLOPs")
-    session_flops, t0, done = 0, time.time(), start
+    ledger = RunLedger(args, run, progress, targets)
+    # purge_step: events a killed session logged after its last checkpoint are replaced
+    writer = SummaryWriter(str(run / "tensorboard"), purge_step=start) if SummaryWriter else None
+    used_before = flops.ledger_total(args.ledger)
+    session_flops, t0 = 0, time.time()
+    plotted = t0
     try:
         with StopFlag() as stop:
             bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train",
                        dynamic_ncols=True)
             for step in bar:
-                idx = torch.from_numpy(batch_indices(step, n_windows, B, args.seed))
-                batch = {k: v[idx].to(device) for k, v in train.items()}
+                t_step = time.time()
+                rows = torch.from_numpy(batch_indices(step, n_windows, B, args.seed))
                 lr = learning_rate(step, args)
-                loss, step_flops = train_step(model, optimizer, batch, lr, device, dtype)
-                done, session_flops = step + 1, session_flops + step_flops
-                record = {"step": step + 1, "loss": loss, "lr": lr,
-                          "flops": counted + session_flops, "seconds": round(time.time() - t0, 3)}
-                if args.eval_every and (step + 1) % args.eval_every == 0:
-                    record["val_loss"], eval_flops = validation_loss(model, val, B, device, dtype)
-                    session_flops += eval_flops
-                    record["flops"] = counted + session_flops
+                loss, n_flops = train_step(model, optimizer, device_batch(train, rows, device),
+                                           lr, device, dtype)
+                progress.step = step + 1
+                scalars = {"train/loss": loss, "train/lr": lr,
+                           "train/tokens_per_s": B * L / (time.time() - t_step)}
+                record = {"step": progress.step, "loss": loss, "lr": lr}
+                if args.eval_every and progress.step % args.eval_every == 0:
+                    val_loss, eval_flops = validation_loss(model, val, B, device, dtype)
+                    n_flops += eval_flops
+                    record["val_loss"] = scalars["val/loss"] = val_loss
+                    if progress.validated(val_loss, progress.step) and args.early_stop:
+                        save_adapter(model, run / "adapter", args.model, metadata | {
+                            "step": progress.step, "val_loss": val_loss})
+                    progress.stopped_early = bool(
+                        args.early_stop and progress.evals_since_best >= args.early_stop)
+                progress.flops += n_flops
+                session_flops += n_flops
+                ledger.add(n_flops)
+                record |= {"flops": progress.flops, "seconds": round(time.time() - t0, 3)}
                 append_jsonl(run / "metrics.jsonl", record)
                 used = used_before + session_flops
-                bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                tok_s=f"{(step + 1 - start) * B * L / (time.time() - t0):.0f}",
+                scalars |= {"flops/used": used, "flops/budget_share": used / args.flops_budget}
+                if writer:
+                    for tag, value in scalars.items():
+                        writer.add_scalar(tag, value, progress.step)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{scalars['train/tokens_per_s']:.0f}",
                                 flops=f"{used:.2e}",
                                 budget=f"{100 * used / args.flops_budget:.2f}%")
-                last = step + 1 == args.steps
-                if last or stop.requested or (step + 1) % args.checkpoint_every == 0:
-                    save_state(run, step + 1, model, optimizer, counted + session_flops)
-                    save_adapter(model, run / "adapter", args.model, metadata | {"step": step + 1})
-                    plot_loss(run)
-                if stop.requested:
+                ending = stop.requested or progress.stopped_early or progress.step == args.steps
+                if ending or progress.step % args.checkpoint_every == 0:
+                    checkpoint(run, progress, ledger, model, optimizer, args, metadata)
+                    if ending or time.time() - plotted >= PLOT_SECONDS:
+                        plot_loss(run)
+                        plotted = time.time()
+                if stop.requested or progress.stopped_early:
                     break
             bar.close()
-    finally:  # whatever happened, the FLOPs spent are on the ledger
-        flops.append_ledger(args.ledger, {
-            "kind": "train", "name": str(run), "flops": session_flops, "steps": [start, done],
-            "batch_size": B, "context_length": L, "rank": args.rank, "targets": list(targets),
-            "lr": args.lr,
-        })
-    print(f"{run}: step {done}/{args.steps}, {session_flops:.3e} FLOPs counted this session "
-          f"(run total {counted + session_flops:.3e}); adapter in {run / 'adapter'}")
-    if stop.requested and done < args.steps:
+    finally:  # steps since the last checkpoint (a second Ctrl-C, an exception) are on it too
+        ledger.record(progress.step)
+        if writer:
+            writer.close()
+    stopped = stop_record(progress, args)
+    write_config(run, config | {"stopped": stopped})
+    print(f"{run}: step {progress.step}/{args.steps}, {session_flops:.3e} FLOPs counted this "
+          f"session (run total {progress.flops:.3e}); adapter in {run / 'adapter'}")
+    if stopped["reason"] == "interrupted":
         print(f"interrupted: continue with  python train.py --out {run} --resume")
         return 130
+    if stopped["reason"] == "early_stop":
+        print(f"early stop: {stopped['why']}")
     return 0
 
 

@@ -399,8 +399,8 @@ def test_training_windows_small():
         [P, 7, 8, 9],  # a series shorter than the context
     ]
     assert labels.tolist() == [
-        [1, 2, 3, 4], [3, 4, 5, 6], [5, 6, 7, 8], [-100, 7, 8, 9], [-100, 7, 8, 9],
-    ]
+        [1, 2, 3, 4], [3, 4, 5, 6], [5, 6, 7, 8], [-100, -100, 8, 9], [-100, -100, 8, 9],
+    ]  # 7 follows padding: nothing real predicts it there
     assert mask.tolist() == [[1, 1, 1, 1]] * 3 + [[0, 1, 1, 1]] * 2
 
 
@@ -413,7 +413,7 @@ def test_training_windows_cover_every_token_of_a_999_token_series(tok):
     assert ids[0].tolist() == tokens[:768]
     assert ids[1, 25:].tolist() == tokens[256:]  # the last window ends at the series' end
     assert ids[1, :25].tolist() == [data.PAD_ID] * 25
-    assert (labels[1, :25] == -100).all() and (labels[1, 25:] == ids[1, 25:]).all()
+    assert (labels[1, :26] == -100).all() and (labels[1, 26:] == ids[1, 26:]).all()
 
 
 def test_training_windows_bad_settings():
