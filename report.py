@@ -287,7 +287,7 @@ def best_line(rows: list[tuple[list[str], Path, dict | None]], what: str) -> str
     if not scored:
         return None
     mse, labels, src = min(scored, key=lambda x: x[0])
-    return f"Lowest validation MSE (scaled) of the {what}: {' '.join(labels)}, {fmt(mse)} ({src})."
+    return f"Lowest validation MSE (scaled) of the {what}: {labels[0]}, {fmt(mse)} ({src})."
 
 
 # ----------------------------------------------------------------------------- sections
@@ -378,47 +378,41 @@ def stage_rows(runs: Runs, names: list[str]) -> list[tuple[list[str], Path, dict
 SETTING_HEADERS = ["run", "rank", "lr", "context", "steps"]
 
 
-def section_grid(page: Page, runs: Runs) -> None:
-    page.heading("3. The grid: LoRA rank × learning rate")
-    if runs.sweep is None:
-        page.missing(f"a sweep (sweep.py --out …) in {runs.root}")
-        return
-    cfg = sweep_config(runs.sweep)
-    found = {m.group(1): m.group(2) for p in runs.sweep.iterdir()
-             if (m := re.fullmatch(r"grid-r(\d+)-lr(.+)", p.name))}.items()
+def grid_names(sweep: Path) -> list[str]:
+    """Every rank × lr pair of the grid (sweep.json's, else the folders'), then stray folders."""
+    cfg = sweep_config(sweep)
+    found = {m.groups() for p in sweep.iterdir()
+             if (m := re.fullmatch(r"grid-r(\d+)-lr(.+)", p.name))}
     ranks = cfg["ranks"].split(",") if "ranks" in cfg else sorted({r for r, _ in found}, key=int)
     lrs = ([f"{float(x):g}" for x in cfg["lrs"].split(",")] if "lrs" in cfg
            else sorted({lr for _, lr in found}, key=float))
-    found_names = {p.name for p in runs.sweep.glob("grid-r*-lr*")}
-    # every rank × lr pair of the grid: one that has no folder is a run that is missing
     names = [f"grid-r{r}-lr{lr}" for r, lr in itertools.product(ranks, lrs)]
-    names += sorted(found_names - set(names))
-    if not names:
-        page.missing(f"grid runs ({runs.sweep}/grid-r*-lr*)")
-    else:
-        rows = stage_rows(runs, names)
-        page.table(metrics_table(SETTING_HEADERS, rows))
-        if line := best_line(rows, "grid"):
-            page.text(line)
-    page.figure(runs.sweep / "grid_heatmap.png", "validation MSE over the grid")
+    return names + sorted({f"grid-r{r}-lr{lr}" for r, lr in found} - set(names))
 
 
-def section_context(page: Page, runs: Runs) -> None:
-    page.heading("4. The context study")
+def context_names(sweep: Path) -> list[str]:
+    cfg = sweep_config(sweep)
+    found = {p.name for p in sweep.glob("context-*") if p.is_dir()}
+    expected = [f"context-{c}" for c in cfg["contexts"].split(",")] if "contexts" in cfg else []
+    return expected + sorted(found - set(expected), key=lambda n: int(n.split("-")[1]))
+
+
+def section_stage(page: Page, runs: Runs, title: str, stage: str, pattern: str) -> None:
+    """The grid or the context study: one row per run that should be there, found or not."""
+    page.heading(title)
     if runs.sweep is None:
         page.missing(f"a sweep (sweep.py --out …) in {runs.root}")
         return
-    cfg = sweep_config(runs.sweep)
-    found = {p.name for p in runs.sweep.glob("context-*") if p.is_dir()}
-    expected = [f"context-{c}" for c in cfg["contexts"].split(",")] if "contexts" in cfg else []
-    names = expected + sorted(found - set(expected), key=lambda n: int(n.split("-")[1]))
+    names = (grid_names if stage == "grid" else context_names)(runs.sweep)
     if not names:
-        page.missing(f"context runs ({runs.sweep}/context-*)")
-        return
-    rows = stage_rows(runs, names)
-    page.table(metrics_table(SETTING_HEADERS, rows))
-    if line := best_line(rows, "context study"):
-        page.text(line)
+        page.missing(f"{stage} runs ({runs.sweep}/{pattern})")
+    else:
+        rows = stage_rows(runs, names)
+        page.table(metrics_table(SETTING_HEADERS, rows))
+        if line := best_line(rows, stage):
+            page.text(line)
+    if stage == "grid":
+        page.figure(runs.sweep / "grid_heatmap.png", "validation MSE over the grid")
 
 
 def training_table(run: Path) -> Table:
@@ -556,8 +550,8 @@ def build(root: Path, out: Path) -> tuple[str, str]:
     section_runs(page, runs)
     section_data(page, runs, final)
     section_baselines(page, runs)
-    section_grid(page, runs)
-    section_context(page, runs)
+    section_stage(page, runs, "3. The grid: LoRA rank × learning rate", "grid", "grid-r*-lr*")
+    section_stage(page, runs, "4. The context study", "context", "context-*")
     section_final(page, runs, final, rule, out)
     section_flops(page, runs, final)
     title = f"qwen-min report: {root}"
