@@ -221,8 +221,16 @@ class Runs:
     root: Path
     train: list[Path]  # folders with metrics.jsonl
     evals: dict[Path, dict]  # folder → its metrics.json
-    sweep: Path | None
-    ledger: Path | None
+    sweeps: list[Path]  # the report shows the first
+    ledgers: list[Path]  # the report counts the first: root/ledger.jsonl when there is one
+
+    @property
+    def sweep(self) -> Path | None:
+        return self.sweeps[0] if self.sweeps else None
+
+    @property
+    def ledger(self) -> Path | None:
+        return self.ledgers[0] if self.ledgers else None
 
 
 def find_runs(root: Path, out: Path) -> Runs:
@@ -235,9 +243,9 @@ def find_runs(root: Path, out: Path) -> Runs:
     evals = {d: m for d, m in evals.items() if "n_series" in m}
     sweeps = sorted({p.parent for p in root.rglob("summary.csv") if visible(p)}
                     | {p.parent for p in [*train, *evals] if re.match(r"(grid|context)-", p.name)})
-    ledgers = [root / "ledger.jsonl"] + sorted(p for p in root.rglob("ledger.jsonl") if visible(p))
-    return Runs(root, train, evals, sweeps[0] if sweeps else None,
-                next((p for p in ledgers if p.exists()), None))
+    ledgers = sorted((p for p in root.rglob("ledger.jsonl") if visible(p)),
+                     key=lambda p: (p != root / "ledger.jsonl", p))
+    return Runs(root, train, evals, sweeps, ledgers)
 
 
 def eval_of(runs: Runs, run: Path) -> Path | None:
@@ -413,6 +421,9 @@ def section_stage(page: Page, runs: Runs, title: str, stage: str, pattern: str) 
             page.text(line)
     if stage == "grid":
         page.figure(runs.sweep / "grid_heatmap.png", "validation MSE over the grid")
+    if runs.sweeps[1:]:
+        page.text(f"Not shown, other sweeps in {runs.root}: "
+                  + ", ".join(map(str, runs.sweeps[1:])) + ".")
 
 
 def training_table(run: Path) -> Table:
@@ -474,6 +485,9 @@ def section_final(page: Page, runs: Runs, final: Path | None, rule: str, out: Pa
     else:
         page.missing(f"validation points in {final / 'metrics.jsonl'} (train.py --eval-every)")
     page.figure(final / "loss.png", "training loss with validation points")
+    events = sorted(final.rglob("events.out.tfevents.*"))
+    if events:
+        page.text(f"TensorBoard: {len(events)} event file(s); tensorboard --logdir {final}")
     folder = eval_of(runs, final)
     if folder is None:
         page.missing(f"an evaluation of {final / 'adapter'} (evaluate.py --adapter)")
@@ -532,6 +546,8 @@ def section_flops(page: Page, runs: Runs, final: Path | None) -> None:
              "–".join(map(str, x["steps"])) if "steps" in x else "", x.get("timestamp", "")]
             for x in records]
     page.table(Table(["kind", "name", "flops", "steps", "timestamp"], rows, str(runs.ledger)))
+    if runs.ledgers[1:]:
+        page.text("Not counted here, other ledgers: " + ", ".join(map(str, runs.ledgers[1:])))
     used = sum(x["flops"] for x in records)
     page.text(f"Counted in the ledger: {fmt(used)} FLOPs in {len(records)} records = "
               f"{100 * used / flops.BUDGET:.4g}% of the {flops.BUDGET:.0e} budget "
