@@ -323,10 +323,14 @@ def section_data(page: Page, runs: Runs, final: Path | None) -> None:
         page.missing(f"a training run's adapter/qwen_min.json (α and decimals) in {runs.root}")
         return
     meta_path = run / "adapter" / "qwen_min.json"
-    scaler = data.LLMTimeScaler.from_dict(read_json(meta_path)["scaler"])
+    try:
+        scaler = data.LLMTimeScaler.from_dict(read_json(meta_path).get("scaler", {}))
+    except data.DataError as e:
+        raise ReportError(f"{meta_path}: {e}") from None
     page.text(f"α = {scaler.alpha:.6g} (max of the training split / {10 - 10.0**-scaler.decimals:g}"
               f"), {scaler.decimals} decimals (source: {meta_path}).")
-    data_path = Path(read_json(run / "config.json").get("data", ""))
+    cfg = read_json(run / "config.json") if (run / "config.json").exists() else {}
+    data_path = Path(cfg.get("data", ""))
     if not data_path.is_file():
         page.missing(f"the data file {data_path} named in {run / 'config.json'}, for one "
                      "encoded example and the token count")
@@ -335,7 +339,7 @@ def section_data(page: Page, runs: Runs, final: Path | None) -> None:
         trajectories, _ = data.load_trajectories(data_path)
     except data.DataError as e:
         raise ReportError(str(e)) from None
-    index = int(data.split_indices(len(trajectories))["train"][0])
+    index = int(data.split_indices(len(trajectories), cfg.get("split_seed", 42))["train"][0])
     text = scaler.encode(trajectories[index])
     steps = text.split(";")
     page.text(f"{data_path}: {trajectories.shape[0]} systems of {trajectories.shape[1]} time "
