@@ -1,9 +1,10 @@
 """report.py: its tables equal the files they come from, missing runs show as missing, and the
 page renders in a real headless Chromium with every image decoded and no console message.
 
-One tiny sweep-like runs folder is built in-process (train.main / evaluate.main on a tiny
-random checkpoint, 2-step runs): two grid runs of a 2 × 2 grid (the other two are missing),
-a final run whose forecasts get samples, an untrained evaluation and one baseline.
+One tiny sweep-like runs folder is built in-process (train.main / evaluate.main on conftest's
+tiny random checkpoint, 1- and 2-step runs): of a 2 × 2 grid one run is made, one was cut off
+before its evaluation and two never started; a final run whose forecasts get samples; an
+untrained evaluation and one baseline.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import report
 import sweep
 import train
 from qwen_min.runtime import provenance
-from tools.checkpoints import write_tiny_checkpoint
 
 FAST = ["--dtype", "fp32", "--device", "cpu"]
 RECORDED = {"git_commit": "0123abc", "git_dirty": True, "date": "2026-01-02T03:04:05+00:00"}
@@ -34,15 +34,15 @@ SHORT_EVAL = [*FAST, "--limit", "1", "--forecast-steps", "2", "--batch-size", "1
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Path:
-    """The costs are the 151936-token LM head: validation only where the loss curve needs it
-    (1 series), evaluations of 1 series."""
+def runs(tmp_path_factory, tiny) -> Path:
+    """On the 512-token tiny checkpoint: LLMTIME's ids are all below 512, and windows of a
+    whole series (999 tokens) need no padding token (151643), so it serves and costs little."""
     root = tmp_path_factory.mktemp("runs")
-    model = write_tiny_checkpoint(root / "tiny-qwen2")
+    _, model = tiny
     data.main(["--out", str(root / "lv.h5"), "--systems", "40", "--seed", "0"])
     common = ["--model", str(model), "--data", str(root / "lv.h5"), "--ledger",
               str(root / "ledger.jsonl")]
-    shape = [*FAST, "--context-length", "128", "--stride", "128", "--batch-size", "2"]
+    shape = [*FAST, "--context-length", "999", "--stride", "999", "--batch-size", "2"]
     grid, final = root / "sweep" / "grid-r2-lr0.01", root / "sweep" / "final"
     assert train.main([*common, *shape, "--out", str(grid), "--rank", "2", "--lr", "0.01",
                        "--steps", "1"]) == 0
@@ -127,7 +127,7 @@ def test_grid_table_equals_the_runs_metrics_and_config_and_shows_the_missing_run
     m = metrics(folder / "eval")
     cfg = json.loads((folder / "config.json").read_text())
     assert (int(made["rank"]), float(made["lr"]), int(made["context"]), int(made["steps"])) == (
-        cfg["rank"], cfg["lr"], cfg["context_length"], cfg["steps"]) == (2, 0.01, 128, 1)
+        cfg["rank"], cfg["lr"], cfg["context_length"], cfg["steps"]) == (2, 0.01, 999, 1)
     for key in ("mse_scaled", "mae_scaled", "parse_failure_rate", "teacher_forced_ce",
                 "generation_ce"):
         assert read(made[key]) == shown(m[key]), key
