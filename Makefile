@@ -12,7 +12,7 @@ ADAPTER ?= $(RUN)/adapter
 EVAL_OUT ?= $(RUN)/eval
 ARGS ?=
 
-.PHONY: setup test data flops train eval sweep demo bench
+.PHONY: setup test data flops train eval sweep demo bench report
 setup:
 	test -x $(PY) || python3 -m venv .venv
 	if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
@@ -44,6 +44,12 @@ eval:
 # (the grid shortened first; ARGS="--plan published" runs the published plan until the budget)
 sweep:
 	$(PY) sweep.py --model $(MODEL) --data $(DATA) $(ARGS)
+
+# every table and figure of the coursework in one page: $(RUNS)/report/report.md and index.html
+# (self-contained: images embedded). RUNS=runs/demo for the demo's runs
+RUNS ?= runs
+report:
+	$(PY) report.py --runs $(RUNS) $(ARGS)
 
 # every part, offline, on a tiny random-weight model: about 5 minutes on 2 CPU cores
 demo:

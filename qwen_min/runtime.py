@@ -1,10 +1,13 @@
-"""Where and in what precision to run: device choice, bf16 autocast, atomic file writes."""
+"""Where and in what precision to run: device choice, bf16 autocast, atomic file writes, and
+the provenance (git commit, date) that runs record."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -73,3 +76,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
+
+
+def _git(*args: str) -> str | None:
+    """Output of a git command run in this repository; None without git or outside a checkout."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def provenance() -> dict:
+    """Which code made a result, and when: {"git_commit", "git_dirty", "date"} (UTC, ISO 8601).
+
+    git_commit and git_dirty are None where git or the checkout is missing (an installed copy);
+    git_dirty is True when tracked files differ from the commit, so the commit alone does not
+    reproduce the result."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": commit.strip() if commit else None,
+        "git_dirty": None if status is None else bool(status.strip()),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,264 @@
+"""report.py: its tables equal the files they come from, missing runs show as missing, and the
+page renders in a real headless Chromium with every image decoded and no console message.
+
+One tiny sweep-like runs folder is built in-process (train.main / evaluate.main on conftest's
+tiny random checkpoint, 1- and 2-step runs): of a 2 × 2 grid one run is made, one was cut off
+before its evaluation and two never started; a final run whose forecasts get samples; an
+untrained evaluation and one baseline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+import evaluate
+import flops
+import report
+import sweep
+import train
+from qwen_min.runtime import provenance
+
+FAST = ["--dtype", "fp32", "--device", "cpu"]
+RECORDED = {"git_commit": "0123abc", "git_dirty": True, "date": "2026-01-02T03:04:05+00:00"}
+SHORT_EVAL = [*FAST, "--limit", "1", "--forecast-steps", "2", "--batch-size", "1"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny) -> Path:
+    """On the 512-token tiny checkpoint: LLMTIME's ids are all below 512, and windows of a
+    whole series (999 tokens) need no padding token (151643), so it serves and costs little."""
+    root = tmp_path_factory.mktemp("runs")
+    _, model = tiny
+    data.main(["--out", str(root / "lv.h5"), "--systems", "40", "--seed", "0"])
+    common = ["--model", str(model), "--data", str(root / "lv.h5"), "--ledger",
+              str(root / "ledger.jsonl")]
+    shape = [*FAST, "--context-length", "999", "--stride", "999", "--batch-size", "2"]
+    grid, final = root / "sweep" / "grid-r2-lr0.01", root / "sweep" / "final"
+    assert train.main([*common, *shape, "--out", str(grid), "--rank", "2", "--lr", "0.01",
+                       "--steps", "1"]) == 0
+    assert train.main([*common, *shape, "--out", str(final), "--rank", "4", "--lr", "0.02",
+                       "--steps", "2", "--eval-every", "1", "--eval-windows", "1"]) == 0
+    for run in (grid, final):
+        assert evaluate.main([*common, *SHORT_EVAL, "--adapter", str(run / "adapter"), "--out",
+                              str(run / "eval")]) == 0
+    assert evaluate.main([*common, *SHORT_EVAL, "--out", str(root / "eval-untrained")]) == 0
+    # a grid run that was cut off before its evaluation: only its config.json
+    cut = json.loads((grid / "config.json").read_text()) | {"rank": 4, "lr": 0.02}
+    (root / "sweep" / "grid-r4-lr0.02").mkdir()
+    (root / "sweep" / "grid-r4-lr0.02" / "config.json").write_text(json.dumps(cut))
+    sweep.plot_heatmap(root / "sweep", [{"rank": 2, "lr": 0.01, "mse_scaled": None}], [2, 4],
+                       [0.01, 0.02])
+    # the layouts others are adding: a baseline evaluation, a sampled forecast, provenance
+    baseline = metrics(root / "eval-untrained") | {"baseline": "last value",
+                                                    "mse_scaled": 0.0123456, "crps_scaled": 0.5}
+    (root / "baselines" / "val" / "last-value").mkdir(parents=True)
+    (root / "baselines" / "val" / "last-value" / "metrics.json").write_text(json.dumps(baseline))
+    # a random model parses no step, so its errors are null: give the final run's horizons
+    # numbers, as a trained one has, so that the table's columns are checked on values
+    scored = metrics(final / "eval") | {"mse_scaled_by_horizon": [0.5, 0.25],
+                                        "mae_scaled_by_horizon": [0.7, 0.35]}
+    (final / "eval" / "metrics.json").write_text(json.dumps(scored))
+    npz = final / "eval" / "forecasts.npz"
+    with np.load(npz) as f:
+        arrays = dict(f)
+    spread = np.random.default_rng(0).normal(1.0, 0.1, (1, 8, 2, 2))  # (N, S, H, 2)
+    np.savez(npz, **arrays, samples=arrays["truths"][:, None] * spread)
+    config = grid / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"provenance": RECORDED}))
+    assert report.main(["--runs", str(root)]) == 0
+    return root
+
+
+def metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def section(md: str, title: str) -> str:
+    """The text of the report.md section whose heading starts with `title`."""
+    match = re.search(rf"^## {re.escape(title)}.*?$(.*?)(?=^## |\Z)", md, re.M | re.S)
+    assert match, f"no section {title!r}"
+    return match.group(1)
+
+
+def tables(text: str) -> list[list[dict]]:
+    """Every Markdown table of `text` as a list of {header: cell} rows."""
+    out, lines = [], text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|---") and i > 0:
+            headers = [h.strip() for h in lines[i - 1].strip("|").split("|")]
+            rows = []
+            for row in lines[i + 1:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(dict(zip(headers, (c.strip() for c in row.strip("|").split("|")))))
+            out.append(rows)
+    return out
+
+
+def shown(v: float | None) -> float | str:
+    """The value as the report shows it, read back: 4 significant digits, "—" for null."""
+    return "—" if v is None else float(f"{v:.4g}")
+
+
+def read(cell: str) -> float | str:
+    return cell if cell == "—" else float(cell)
+
+
+def read_md(runs: Path) -> str:
+    return (runs / "report" / "report.md").read_text()
+
+
+def test_grid_table_equals_the_runs_metrics_and_config_and_shows_the_missing_run(runs):
+    (grid,) = tables(section(read_md(runs), "3. The grid"))
+    rows = {r["run"]: r for r in grid}
+    assert list(rows) == ["grid-r2-lr0.01", "grid-r2-lr0.02", "grid-r4-lr0.01", "grid-r4-lr0.02"]
+    made = rows["grid-r2-lr0.01"]
+    folder = runs / "sweep" / "grid-r2-lr0.01"
+    m = metrics(folder / "eval")
+    cfg = json.loads((folder / "config.json").read_text())
+    assert (int(made["rank"]), float(made["lr"]), int(made["context"]), int(made["steps"])) == (
+        cfg["rank"], cfg["lr"], cfg["context_length"], cfg["steps"]) == (2, 0.01, 999, 1)
+    for key in ("mse_scaled", "mae_scaled", "parse_failure_rate", "teacher_forced_ce",
+                "generation_ce"):
+        assert read(made[key]) == shown(m[key]), key
+    assert int(made["n_series"]) == m["n_series"] == 1
+    assert made["source"] == str(folder / "eval" / "metrics.json")
+    for name in ("grid-r2-lr0.02", "grid-r4-lr0.01", "grid-r4-lr0.02"):
+        row = rows[name]
+        assert row["mse_scaled"] == row["n_series"] == "missing", name
+        assert row["source"] == f"{runs / 'sweep' / name / 'eval' / 'metrics.json'} (not found)"
+    assert [rows[n]["rank"] for n in rows] == ["2", "missing", "missing", "4"]
+
+
+def test_untrained_and_baseline_rows_equal_their_metrics_json(runs):
+    (table,) = tables(section(read_md(runs), "2. The untrained model"))
+    assert [r["model"] for r in table] == ["untrained (val)", "last value (val)"]
+    for row, folder in zip(table, (runs / "eval-untrained", runs / "baselines/val/last-value")):
+        m = metrics(folder)
+        assert row["source"] == str(folder / "metrics.json")
+        for key in ("mse_scaled", "mae_scaled", "teacher_forced_ce", "parse_failure_rate"):
+            assert read(row[key]) == shown(m[key]), key
+    assert table[1]["mse_scaled"] == "0.01235"
+    # crps_scaled: a column because the baseline has it; the untrained greedy run does not
+    assert [r["crps_scaled"] for r in table] == ["n/a", "0.5"]
+
+
+def test_final_run_tables_equal_metrics_jsonl_and_horizon_errors(runs):
+    text = section(read_md(runs), "5. The final run")
+    settings, val, evaluation, horizon = tables(text)
+    records = [json.loads(x) for x in (runs / "sweep/final/metrics.jsonl").read_text().split("\n")
+               if x]
+    assert [(int(r["step"]), float(r["val_loss"])) for r in val] == [
+        (x["step"], shown(x["val_loss"])) for x in records]
+    assert len(val) == 2
+    assert {r["setting"]: r["value"] for r in settings}["steps done"] == "2"
+    m = metrics(runs / "sweep/final/eval")
+    assert read(evaluation[0]["teacher_forced_ce"]) == shown(m["teacher_forced_ce"])
+    assert [(read(r["mse_scaled"]), read(r["mae_scaled"])) for r in horizon] == [
+        (shown(a), shown(b)) for a, b in zip(m["mse_scaled_by_horizon"],
+                                             m["mae_scaled_by_horizon"])]
+    assert [(r["mse_scaled"], r["mae_scaled"]) for r in horizon] == [("0.5", "0.7"),
+                                                                      ("0.25", "0.35")]
+    assert "![sampled forecast intervals" in text
+
+
+def test_data_section_shows_alpha_and_the_encoded_series_token_count(runs):
+    text = section(read_md(runs), "1. Data")
+    meta = json.loads((runs / "sweep/final/adapter/qwen_min.json").read_text())
+    assert float(re.search(r"α = (\S+) ", text).group(1)) == float(f"{meta['scaler']['alpha']:.6g}")
+    trajectories, _ = data.load_trajectories(runs / "lv.h5")
+    scaler = data.LLMTimeScaler.from_dict(meta["scaler"])
+    first = int(data.split_indices(len(trajectories))["train"][0])
+    assert f"Token count of that series: {len(scaler.encode(trajectories[first]))} " in text
+    assert scaler.encode(trajectories[first][:5]) + ";…" in text
+
+
+def test_ledger_table_and_total_equal_the_ledger(runs):
+    text = section(read_md(runs), "6. FLOPs")
+    records = flops.read_ledger(runs / "ledger.jsonl")
+    ledger = tables(text)[-1]
+    assert [(r["kind"], r["name"], float(r["flops"])) for r in ledger] == [
+        (x["kind"], x["name"], float(f"{x['flops']:.4e}")) for x in records]
+    used = sum(x["flops"] for x in records)
+    assert f"Counted in the ledger: {used:.4e} FLOPs in {len(records)} records = " \
+           f"{100 * used / 1e17:.4g}% of the 1e+17 budget" in text
+
+
+def test_missing_pieces_are_shown_as_missing(runs):
+    md = read_md(runs)
+    context = section(md, "4. The context")
+    assert f"**Missing:** context runs ({runs / 'sweep'}/context-*)" in context
+    assert "Missing" not in section(md, "3. The grid")  # its heatmap is there
+
+
+def test_runs_table_gives_recorded_provenance_else_file_time(runs):
+    (table,) = tables(section(read_md(runs), "Runs in this report"))
+    rows = {r["folder"]: r for r in table}
+    recorded = rows[str(runs / "sweep" / "grid-r2-lr0.01")]
+    assert (recorded["date"], recorded["git commit"]) == (
+        "2026-01-02T03:04:05+00:00", "0123abc (uncommitted changes)")
+    other = rows[str(runs / "sweep" / "final")]
+    assert other["git commit"] == "commit not recorded" and other["date"].endswith("(file time)")
+    assert len(table) == 6  # 2 training runs, their evaluations, the untrained one, a baseline
+
+
+def test_a_runs_folder_that_does_not_exist_is_a_one_line_error(tmp_path, capsys):
+    assert report.main(["--runs", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --runs {tmp_path / 'nope'}: no such folder; point it at a runs folder (runs, "
+        "runs/demo) or make one first (make demo, make train)\n")
+
+
+def test_provenance_names_the_checked_out_commit_and_the_time_now():
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+    p = provenance()
+    assert p["git_commit"] == head and isinstance(p["git_dirty"], bool)
+    age = datetime.now(timezone.utc) - datetime.fromisoformat(p["date"])
+    assert 0 <= age.total_seconds() < 60
+
+
+# after load, each image's decoded width (0: the browser could not decode it). Synchronous on
+# purpose: --dump-dom writes the page right after the load event. A page of ours has no script
+# of its own: this one is added to a copy.
+CHECKER = """<script>window.addEventListener("load", () => {
+  document.body.setAttribute("data-widths",
+    JSON.stringify([...document.images].map(i => i.complete ? i.naturalWidth : 0)));
+});</script>"""
+
+
+def test_index_html_embeds_every_figure_byte_for_byte(runs):
+    page = (runs / "report" / "index.html").read_text()
+    embedded = [base64.b64decode(x) for x in re.findall(r'src="data:image/png;base64,([^"]*)"',
+                                                          page)]
+    sources = re.findall(r"^Source: (\S+\.png)$", read_md(runs), re.M)
+    assert len(sources) == 5  # heatmap, loss, trajectories, intervals, horizon
+    assert embedded == [Path(x).read_bytes() for x in sources]
+
+
+@pytest.mark.skipif(report.find_browser() is None, reason="no Chromium installed")
+def test_index_html_renders_in_headless_chromium_with_every_image_decoded(runs, tmp_path):
+    page = (runs / "report" / "index.html").read_text()
+    # self-contained: every src/href is an embedded data URI
+    links = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert links and all(x.startswith("data:image/png;base64,") for x in links)
+    probe = tmp_path / "index.html"
+    probe.write_text(page.replace("</body>", CHECKER + "</body>"))
+    done = report.headless(report.find_browser(), probe, "--dump-dom", "--enable-logging=stderr",
+                           "--v=0", "--virtual-time-budget=10000")
+    found = re.search(r'data-widths="([^"]*)"', done.stdout)
+    assert found, f"no result from Chromium (exit {done.returncode}): {done.stderr[-500:]}"
+    widths = json.loads(html.unescape(found[1]))
+    assert len(widths) == read_md(runs).count("\n![") == 5
+    assert min(widths) > 0, widths
+    assert [x for x in done.stderr.splitlines() if ":CONSOLE" in x] == []
