@@ -8,6 +8,7 @@ then assign the tensors in place of the meta parameters.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,6 +95,19 @@ def read_state_dict(ckpt: Path, dtype: torch.dtype, device) -> dict[str, torch.T
     return tensors
 
 
+@contextmanager
+def no_embedding_init():
+    """Skip nn.Embedding's random init while the model is built on the meta device: the checkpoint
+    replaces it anyway, and torch's meta-device `normal_` imports torch._dynamo, which costs
+    2–4 s in every process that loads a model (each train/evaluate subprocess of a sweep)."""
+    reset = torch.nn.Embedding.reset_parameters
+    torch.nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        torch.nn.Embedding.reset_parameters = reset
+
+
 def load_model(
     name_or_path: str | Path = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
@@ -102,7 +116,7 @@ def load_model(
     """Build Qwen2ForCausalLM from a local folder or hub repo id, with strict key/shape checks."""
     ckpt = resolve_checkpoint(name_or_path)
     cfg = load_config(ckpt)
-    with torch.device("meta"):
+    with torch.device("meta"), no_embedding_init():
         model = Qwen2ForCausalLM(cfg)
     expected = dict(model.named_parameters())  # shared (tied) parameters are listed once
     tensors = read_state_dict(ckpt, dtype, device)
