@@ -36,7 +36,13 @@ import flops
 from lora import apply_lora, lora_parameters, save_adapter
 from qwen_min import CheckpointError, count_flops, load_model, load_tokenizer
 from qwen_min.loading import DEFAULT_MODEL
-from qwen_min.runtime import atomic_write_bytes, autocast, pick_device, pick_dtype
+from qwen_min.runtime import (
+    atomic_write_bytes,
+    autocast,
+    pick_device,
+    pick_dtype,
+    provenance,
+)
 
 DEFAULTS = dict(
     model=DEFAULT_MODEL,
@@ -551,7 +557,9 @@ def run_training(args: argparse.Namespace) -> int:
             raise RunError(f"{run} already holds a run; pass --resume to continue it, or choose "
                            "another --out")
         progress = Progress(run_id=uuid.uuid4().hex)
-        config = vars(args) | {"data_sha256": data_sha256, "run_id": progress.run_id}
+        truncate_metrics(run / "metrics.jsonl", 0)  # left by a start killed before a checkpoint
+        config = vars(args) | {"data_sha256": data_sha256, "run_id": progress.run_id,
+                               "provenance": provenance()}
     if progress.stopped_early or progress.step >= args.steps:
         write_config(run, config | {"stopped": stop_record(progress, args)})
         print(f"{run}: already stopped at step {progress.step} "
