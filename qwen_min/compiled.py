@@ -210,9 +210,9 @@ class CompiledTrainStep:
 
     def __call__(self, batch: dict, lr: float) -> tuple[float, int]:
         """batch: input_ids, labels, attention_mask, each (batch_size, context_length)."""
-        if tuple(batch["input_ids"].shape) != tuple(self.input_ids.shape):
-            raise ValueError(f"CompiledTrainStep was built for batches of "
-                             f"{tuple(self.input_ids.shape)}, got {tuple(batch['input_ids'].shape)}")
+        want, got = tuple(self.input_ids.shape), tuple(batch["input_ids"].shape)
+        if got != want:
+            raise ValueError(f"CompiledTrainStep was built for batches of {want}, got {got}")
         self.input_ids.copy_(batch["input_ids"])
         self.labels.copy_(batch["labels"])
         self.attention_mask.copy_(batch["attention_mask"])
