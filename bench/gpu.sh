@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one prepared GPU script: the quick GPU benchmark (≈ 5 min on one H100/H200), then, with
+# The one prepared GPU script: the quick GPU benchmark (aimed at ≤ 5 min on one H100/H200, not
+# yet measured: no GPU was available when it was written), then, with
 # FULL=1, the full one. Runs with the machine's own python3 (torch, transformers, peft,
 # safetensors, tokenizers, h5py installed; no project venv) from the repository root:
 #

@@ -155,11 +155,10 @@ class CompiledTrainStep:
     """One Adam step on the LoRA tensors as one compiled graph, for batches of exactly
     (batch_size, context_length). `step(batch, lr) -> (loss float, counted FLOPs)`.
 
-    Build it after the optimizer state is final (after a resume's load_state_dict): the
-    state tensors are read from the optimizer at every call, so a later load works too, but
-    every step must go through this object (or through the eager step, never both at once
-    with different state). LoRA dropout is compiled too, but draws other random numbers than
-    the eager step."""
+    The Adam state lives in the optimizer and is read from it at every call, so train.py's
+    save_state/load_state (optimizer.state_dict()) work as with the eager step. `mode`:
+    "auto" is compile_mode(device); None inductor's default; "reduce-overhead" CUDA graphs.
+    LoRA dropout compiles too, but draws other random numbers than the eager step."""
 
     def __init__(
         self,
@@ -190,8 +189,8 @@ class CompiledTrainStep:
         self.labels = torch.zeros(shape, dtype=torch.long, device=self.device)
         self.attention_mask = torch.ones(shape, dtype=torch.long, device=self.device)
         self.lr = torch.zeros((), dtype=torch.float32, device=self.device)
-        for t in (self.input_ids, self.labels, self.attention_mask, self.lr):
-            torch._dynamo.mark_static_address(t)  # CUDA graphs read them in place, no copy
+        for t in (self.input_ids, self.labels, self.attention_mask, self.lr, *self.params):
+            torch._dynamo.mark_static_address(t)  # CUDA graphs use them in place, no copy
         self.flops = eager_step_flops(model, batch_size, context_length, self.device, dtype)
         mode = compile_mode(self.device) if mode == "auto" else mode
         self.compiled = torch.compile(self._step, fullgraph=True, mode=mode)
@@ -243,7 +242,7 @@ def eager_step_flops(
 
 class CompiledDecodeStep:
     """One greedy decoding step of (B, 1) tokens against a KVCache of fixed size, compiled
-    with static shapes (CUDA graphs on CUDA): `logits = step(tokens, attention_mask, position)`.
+    with static shapes (CUDA graphs on CUDA): `logits = step(tokens, attention_mask)`.
 
     The reference decode step, `model(tokens, mask[:, :T+i], cache, last_only=True)`, reads a
     cache slice and a mask that grow by one every step: a new shape each time. Here the query
@@ -257,6 +256,8 @@ class CompiledDecodeStep:
         device = cache.k.device
         mode = compile_mode(device) if mode == "auto" else mode
         self.position = torch.zeros((), dtype=torch.long, device=device)
+        for t in (cache.k, cache.v, self.position):  # written in place: CUDA graphs keep them
+            torch._dynamo.mark_static_address(t)
         self.compiled = torch.compile(self._step, fullgraph=True, mode=mode)
 
     def _step(self, tokens, attention_mask, position, cache_k, cache_v):
@@ -267,7 +268,7 @@ class CompiledDecodeStep:
         mask = keys[:, None, None, :]  # (B, 1, 1, S)
         x = model.model.embed_tokens(tokens)  # (B, 1, d)
         cos, sin = rope_cos_sin(cfg, positions, x.dtype)
-        view = _StaticCache(cache_k, cache_v, slots == position)
+        view = _StaticCache(cache_k, cache_v, position)
         for i, layer in enumerate(model.model.layers):
             x = layer(x, cos, sin, mask, view, i)
         return model.lm_head(model.model.norm(x))[:, -1]  # (B, V)
@@ -283,15 +284,15 @@ class CompiledDecodeStep:
 
 
 class _StaticCache:
-    """The KVCache interface the attention layer calls (`update`), writing one position with
-    a mask instead of a slice (a data-dependent slice would change shapes) and returning the
+    """The KVCache interface the attention layer calls (`update`), writing one slot chosen by
+    a tensor (a Python slice at a moving position would change shapes) and returning the
     whole cache."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor):
-        self.k, self.v, self.slot = k, v, slot[:, None]  # slot (S, 1)
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor):
+        self.k, self.v, self.slot = k, v, position.view(1)  # (1,)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        # k, v: (B, n_kv, 1, hd) broadcast over the S slots, kept only at this step's slot
-        self.k[layer].copy_(torch.where(self.slot, k.to(self.k.dtype), self.k[layer]))
-        self.v[layer].copy_(torch.where(self.slot, v.to(self.v.dtype), self.v[layer]))
+        # k, v: (B, n_kv, 1, hd) into slot `position` of the (B, n_kv, S, hd) layer cache
+        self.k[layer].index_copy_(2, self.slot, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.slot, v.to(self.v.dtype))
         return self.k[layer], self.v[layer]  # (B, n_kv, S, hd)

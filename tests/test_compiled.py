@@ -152,11 +152,17 @@ def test_chunked_cross_entropy_equals_full_logits():
 def test_compiled_decode_step_gives_generate_tokens():
     torch.manual_seed(3)
     model = Qwen2ForCausalLM(CFG).eval()
+    with torch.no_grad():  # larger weights than the default init (as tests/conftest.py): the
+        for name, p in model.named_parameters():  # attention then moves the tokens visibly
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.3 if p.ndim == 2 else 0.1)
     ids = torch.randint(0, CFG.vocab_size, (3, 9))
     prompt_mask = torch.ones_like(ids)
     prompt_mask[0, :4] = 0  # left padding
     n_new = 6
-    ref_tokens, _ = generate(model, ids, n_new, prompt_mask)
+    ref_tokens, ref_logits = generate(model, ids, n_new, prompt_mask)
 
     T = ids.shape[1]
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(3, n_new)], dim=1)  # (B, T + n_new)
@@ -164,9 +170,12 @@ def test_compiled_decode_step_gives_generate_tokens():
     step = CompiledDecodeStep(model, cache)
     with torch.no_grad():
         token = model(ids, prompt_mask, cache, last_only=True)[:, -1].argmax(-1)  # prefill
-        tokens = [token]
+        tokens, logits = [token], []
         for _ in range(n_new - 1):
-            token = step(token[:, None], mask).argmax(-1)  # (B,)
+            logits.append(step(token[:, None], mask))  # (B, V)
+            token = logits[-1].argmax(-1)  # (B,)
             tokens.append(token)
     assert torch.stack(tokens, 1).tolist() == ref_tokens.tolist()
+    # measured: ≤ 5.4e-6 on logits up to 6.5 (fp32, inductor's kernels)
+    torch.testing.assert_close(torch.stack(logits, 1), ref_logits[:, 1:], atol=2e-5, rtol=0)
     assert cache.length == T + n_new - 1
