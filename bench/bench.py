@@ -728,7 +728,8 @@ def main(argv=None) -> int:
                 ]
             )
         out += [
-            "**Loading** the 0.5B checkpoint (bf16 safetensors, 0.99 GB, in the page cache)",
+            f"**Loading** the {'tiny' if args.tiny else '0.5B'} checkpoint (bf16 safetensors, "
+            f"in the page cache) to {device}",
             "",
         ]
         out += table(
