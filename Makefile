@@ -56,6 +56,7 @@ demo:
 	bash tools/demo.sh
 
 # qwen-min against transformers + PEFT on this machine: training, evaluation, loading (about
-# 15 min on 2 CPU cores; bench/results.md). QUICK=1: a 3-minute smoke run
+# 15 min on 2 CPU cores; bench/results.md). QUICK=1: a 3-minute smoke run. DEVICE=cuda: the GPU
+# tables, eager and compiled (bench/results-gpu.md; bench/gpu.sh runs it without the venv)
 bench:
-	$(PY) bench/bench.py $(if $(QUICK),--quick) $(ARGS)
+	$(PY) bench/bench.py $(if $(QUICK),--quick) $(if $(DEVICE),--device $(DEVICE)) $(ARGS)

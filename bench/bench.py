@@ -3,6 +3,9 @@
     make bench                                   # the default run (about 15 min on 2 CPU cores)
     .venv/bin/python bench/bench.py --quick      # a smoke run in about 3 minutes
     .venv/bin/python bench/bench.py --only train,load --skip-hf
+    python3 bench/bench.py --device cuda --quick # on a GPU (bench/gpu.sh runs it there)
+    .venv/bin/python bench/bench.py --tiny --quick --only train --modes eager,compiled
+                                                 # a tiny random model: checks the script runs
 
 Both sides get the full Qwen2.5-0.5B architecture, the same random weights and the same
 inputs. The weights are written once, by transformers' save_pretrained in bf16 (as the
@@ -20,6 +23,14 @@ official checkpoint is stored), to --cache; both loaders read that folder.
     Seconds per series, and the time for all 150 validation series at that batch size.
   * load: the checkpoint to a model that has produced its first logits (load_model against
     from_pretrained; the file is in the page cache).
+
+On a GPU (--device cuda) the same tables, and more rows: the training step at contexts 512 and
+768, each implementation eager and compiled (qwen-min: qwen_min.compiled.CompiledTrainStep,
+one graph replayed as CUDA graphs; transformers + PEFT: torch.compile(model) in its default
+mode and with mode="reduce-overhead", CUDA graphs), the first (compiling) step's time, peak
+GPU memory per row (torch.cuda.max_memory_allocated), and `e2e`: evaluate.py end to end on
+150 validation series in a subprocess (random weights, simulated data; the checkpoint needs a
+tokenizer.json: --tokenizer, or built offline from the test extras).
 
 Every measurement runs in its own process, so its peak memory (the RSS high-water mark,
 reset after loading for train) is its own. The machine is shared: before each measurement
@@ -51,6 +62,8 @@ QWEN25_05B = dict(
     num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
     tie_word_embeddings=True, max_position_embeddings=32768,
 )  # fmt: skip
+TINY = QWEN25_05B | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # --tiny: a smoke test
 TARGETS = ("q_proj", "v_proj")
 RANK = 8
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -122,28 +135,52 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def matmul_peak(dtype: torch.dtype) -> float:
+def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
     """Best TFLOP/s of square matrix products (2n³ FLOPs) over a few sizes."""
-    best = 0.0
-    for n in (1024, 2048, 4096):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best, work = 0.0, 2e10 if device.type == "cpu" else 2e13
+    sizes = (1024, 2048, 4096) if device.type == "cpu" else (4096, 8192)
+    for n in sizes:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
         a @ b
-        reps = max(1, int(2e10 / n**3))
+        reps = max(1, int(work / n**3))
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             a @ b
+        sync(device)
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12)
     return best
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued kernels, so a timer sees them run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> bool:
+    """Start a phase's peak memory: the GPU allocator's on CUDA, else the process RSS."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    return reset_peak_rss()
+
+
+def peak_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return peak_rss_gb()
 
 
 # ----------------------------------------------------------------------------- workers
 
 
-def write_checkpoint(path: Path) -> None:
+def write_checkpoint(path: Path, arch: dict) -> None:
     """Random Qwen2.5-0.5B weights (transformers' init, seed 0) in bf16, saved atomically."""
     import transformers
 
-    cfg = transformers.Qwen2Config(**QWEN25_05B)
+    cfg = transformers.Qwen2Config(**arch)
     torch.manual_seed(0)
     model = transformers.Qwen2ForCausalLM(cfg).to(torch.bfloat16)
     tmp = path.with_name(path.name + ".tmp")
@@ -152,9 +189,9 @@ def write_checkpoint(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def training_batch(batch: int, length: int):
+def training_batch(batch: int, length: int, vocab: int):
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, QWEN25_05B["vocab_size"], (batch, length), generator=g)
+    ids = torch.randint(0, vocab, (batch, length), generator=g)
     return ids, ids.clone(), torch.ones_like(ids)
 
 
@@ -169,16 +206,17 @@ def eval_batch(batch: int, prompt_len: int):
     return ids.masked_fill(mask == 0, PAD_ID), mask
 
 
-def load_ours(ckpt: Path, weights: str):
+def load_ours(ckpt: Path, weights: str, device: torch.device):
     from qwen_min import load_model
 
-    return load_model(ckpt, dtype=DTYPES[weights])
+    return load_model(ckpt, dtype=DTYPES[weights], device=device)
 
 
-def load_hf(ckpt: Path, weights: str):
+def load_hf(ckpt: Path, weights: str, device: torch.device):
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=DTYPES[weights]).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=DTYPES[weights])
+    return model.to(device).eval()
 
 
 def add_lora(model, impl: str):
@@ -196,14 +234,22 @@ def add_lora(model, impl: str):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def work_train(job: dict) -> dict:
-    impl, ckpt = job["impl"], Path(job["ckpt"])
-    model = (load_ours if impl == "ours" else load_hf)(ckpt, job["weights"])
-    model, params = add_lora(model, impl)
-    model.train()
-    optimizer = torch.optim.Adam(params, lr=1e-4)
-    ids, labels, mask = training_batch(job["batch"], job["context"])
-    device = torch.device("cpu")
+def train_step_fn(job: dict, model, params: list, device: torch.device):
+    """The step to time: eager, or compiled (mode "compiled": inductor's default, CUDA graphs
+    for qwen-min on CUDA; "cudagraphs": transformers with mode="reduce-overhead")."""
+    impl, mode = job["impl"], job["mode"]
+    optimizer = torch.optim.Adam(params, lr=1e-4, capturable=device.type == "cuda")
+    ids, labels, mask = (t.to(device) for t in training_batch(job["batch"], job["context"],
+                                                              job["vocab"]))
+    if impl == "ours" and mode == "compiled":
+        from qwen_min.compiled import CompiledTrainStep
+
+        dtype = torch.bfloat16 if job["autocast"] else torch.float32
+        step = CompiledTrainStep(model, optimizer, job["batch"], job["context"], device, dtype)
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return lambda: step(batch, 1e-4)[0]
+    if impl == "hf" and mode != "eager":
+        model = torch.compile(model, mode="reduce-overhead" if mode == "cudagraphs" else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["autocast"])
 
     def step() -> float:
@@ -217,9 +263,21 @@ def work_train(job: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    reset = reset_peak_rss()
+    return step
+
+
+def work_train(job: dict) -> dict:
+    impl, ckpt, device = job["impl"], Path(job["ckpt"]), torch.device(job["device"])
+    model = (load_ours if impl == "ours" else load_hf)(ckpt, job["weights"], device)
+    model, params = add_lora(model, impl)
+    model.train()
+    step = train_step_fn(job, model, params, device)
+    reset = reset_peak(device)
+    first = []  # the first step compiles (compiled modes); CUDA graphs record on later ones
     for _ in range(job["warmup"]):
-        step()
+        with Timer() as t:
+            step()
+        first.append(t.seconds)
     times, others, losses = [], [], []
     for _ in range(job["steps"]):
         with Timer() as t:
@@ -228,18 +286,19 @@ def work_train(job: dict) -> dict:
         others.append(t.others)
     return {
         "seconds": times,
+        "first_step": first[0] if first else None,
         "others": others,
         "loss": losses,
-        "peak_gb": peak_rss_gb(),
+        "peak_gb": peak_gb(device),
         "peak_is_training_only": reset,
     }
 
 
 def work_eval(job: dict) -> dict:
-    impl, ckpt = job["impl"], Path(job["ckpt"])
-    model = (load_ours if impl == "ours" else load_hf)(ckpt, job["weights"])
-    ids, mask = eval_batch(job["batch"], job["prompt"])
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=job["autocast"])
+    impl, ckpt, device = job["impl"], Path(job["ckpt"]), torch.device(job["device"])
+    model = (load_ours if impl == "ours" else load_hf)(ckpt, job["weights"], device)
+    ids, mask = (t.to(device) for t in eval_batch(job["batch"], job["prompt"]))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=job["autocast"])
 
     def run(ids, mask, n: int) -> list[list[int]]:
         with torch.no_grad(), autocast:
@@ -247,7 +306,7 @@ def work_eval(job: dict) -> dict:
                 from qwen_min import generate
 
                 tokens, logits = generate(model, ids, n, mask)
-                assert logits.shape == (len(ids), n, QWEN25_05B["vocab_size"])
+                assert logits.shape == (len(ids), n, job["vocab"])
                 return tokens.tolist()
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
@@ -258,40 +317,57 @@ def work_eval(job: dict) -> dict:
             return out.sequences[:, ids.shape[1] :].tolist()
 
     run(ids[:1, :16], mask[:1, :16], 2)  # warm-up: first-call allocations, kernel choice
-    reset = reset_peak_rss()
+    reset = reset_peak(device)
     with Timer() as t:
         tokens = run(ids, mask, job["new_tokens"])
     return {
         "seconds": t.seconds,
         "others": t.others,
         "tokens": tokens,
-        "peak_gb": peak_rss_gb(),
+        "peak_gb": peak_gb(device),
         "peak_is_generation_only": reset,
     }
 
 
 def work_load(job: dict) -> dict:
-    impl, ckpt = job["impl"], Path(job["ckpt"])
-    x = torch.tensor([[11, 12, 13, 14, 15, 16, 17, 18]])
+    impl, ckpt, device = job["impl"], Path(job["ckpt"]), torch.device(job["device"])
+    x = torch.tensor([[11, 12, 13, 14, 15, 16, 17, 18]], device=device)
     with Timer() as t:
-        model = (load_ours if impl == "ours" else load_hf)(ckpt, job["weights"])
+        model = (load_ours if impl == "ours" else load_hf)(ckpt, job["weights"], device)
+        sync(device)
     with Timer() as first, torch.no_grad():
         model(x) if impl == "ours" else model(input_ids=x)
+        sync(device)
     return {
         "seconds": t.seconds,
         "first_logits": t.seconds + first.seconds,
         "others": t.others,
-        "peak_gb": peak_rss_gb(),
+        "peak_gb": peak_gb(device),
     }
 
 
-WORKERS = {"train": work_train, "eval": work_eval, "load": work_load}
+def work_e2e(job: dict) -> dict:
+    """evaluate.py as a user runs it, in its own process: load, prompts, batched greedy
+    forecasts, the teacher-forced pass, files. Wall time of the whole process."""
+    out = Path(job["out"])
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--model", job["ckpt"], "--data",
+           job["data"], "--limit", str(job["series"]), "--batch-size", str(job["batch"]),
+           "--device", job["device"], "--out", str(out), "--ledger", str(out / "ledger.jsonl"),
+           "--force"]  # fmt: skip
+    with Timer() as t:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"evaluate.py failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {"seconds": t.seconds, "others": t.others}
+
+
+WORKERS = {"train": work_train, "eval": work_eval, "load": work_load, "e2e": work_e2e}
 
 
 def worker_main(spec: str) -> None:
     job = json.loads(spec)
     if job["task"] == "checkpoint":
-        write_checkpoint(Path(job["ckpt"]))
+        write_checkpoint(Path(job["ckpt"]), job["arch"])
         result = {}
     else:
         torch.manual_seed(0)
@@ -347,6 +423,108 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+def train_settings(args, hf_weights: list[str], gpu: bool) -> list[tuple]:
+    """(impl, precision, weights, autocast, mode) rows, each qwen-min row next to its
+    transformers rows, so a slow drift of the machine's speed touches both sides of a ratio."""
+    settings = []
+    for mode in args.modes:
+        if mode != "cudagraphs":  # qwen-min's compiled step already runs as CUDA graphs on CUDA
+            settings.append(("ours", "bf16", "bf16", True, mode))
+        settings += [("hf", "bf16", w, True, mode) for w in hf_weights]
+    if not gpu:  # fp32 rows: what a CPU without fast bf16 runs
+        settings.append(("ours", "fp32", "fp32", False, "eager"))
+        settings += [("hf", "fp32", "fp32", False, "eager")] if hf_weights else []
+    return settings
+
+
+def train_table(args, cfg, L: int, peak: dict, hf_weights, job, mem: str, flops) -> list[str]:
+    B, gpu = args.batch, args.device.startswith("cuda")
+    step_flops = flops.train_step_flops(cfg, B, L, RANK, TARGETS)
+    # the products a LoRA step executes: the forward's, and in the backward those that carry
+    # the gradient to the inputs (frozen weights need no weight gradient); LoRA's own weight
+    # gradients are < 0.1% more
+    forward = flops.forward_flops(cfg, B, L, lora_rank=RANK, lora_targets=TARGETS, loss=True)
+    step_matmuls = 2 * flops.matmul_subtotal(forward)
+    kw = dict(batch=B, context=L, steps=args.steps, warmup=args.warmup)
+    results = {}
+    for impl, prec, weights, ac, mode in train_settings(args, hf_weights, gpu):
+        results[impl, prec, weights, mode] = job("train", impl, weights, autocast=ac, mode=mode,
+                                                 **kw)
+    best = {}  # transformers' fastest setting per precision, whatever its mode
+    for (impl, prec, _, _), r in results.items():
+        r["s"] = min(r["seconds"])
+        if impl == "hf":
+            best[prec] = min(best.get(prec, math.inf), r["s"])
+    rows = []
+    for (impl, prec, weights, mode), r in sorted(results.items(),
+                                                 key=lambda kv: kv[0][0] != "ours"):
+        s = r["s"]
+        name = "qwen-min" if impl == "ours" else "transformers + PEFT"
+        ratio = f"**{best[prec] / s:.2f}×**" if impl == "ours" and prec in best else ""
+        shown_mode = "compiled + CUDA graphs" if mode == "compiled" and impl == "ours" and gpu \
+            else {"cudagraphs": "compiled + CUDA graphs"}.get(mode, mode)
+        rows.append([
+            name, prec, f"{weights} weights" + (" + autocast" if prec == "bf16" else ""),
+            shown_mode, fmt(s), fmt(B * L / s), f"{step_flops / s / 1e12:.3f}",
+            f"{100 * step_matmuls / s / 1e12 / peak[prec]:.0f}%", f"{r['peak_gb']:.2f}",
+            fmt(r["first_step"]) if r["first_step"] is not None else "",
+            f"{100 * noise(r):.0f}%", ratio,
+        ])  # fmt: skip
+    header = ["implementation", "precision", "setting", "mode", "s/step", "tokens/s",
+              "TFLOP/s counted", "MFU", mem, "first step s", "others", "speed-up"]
+    return [
+        f"**LoRA training step** (batch {B} × context {L}, rank {RANK} on q_proj/v_proj, "
+        f"Adam; best of {args.steps} steps after {args.warmup} warm-up, the first of which "
+        f"compiles). TFLOP/s: the {step_flops / 1e12:.2f} TFLOP that flops.py counts per "
+        f"step (3 × forward). MFU: the {step_matmuls / 1e12:.2f} TFLOP of matrix products "
+        "the step must run (forward, and the input gradients: frozen weights need no weight "
+        "gradient) over the measured peak. Peak memory: during the steps, weights included. "
+        "Speed-up: against transformers' fastest row of the same precision.",
+        "",
+        *table(header, rows),
+        "",
+    ]
+
+
+def e2e_inputs(args, ckpt: Path, cache: Path, log) -> Path | None:
+    """The checkpoint's tokenizer.json and a simulated data file for evaluate.py; None (and
+    why, in the log) where no tokenizer can be had."""
+    tokenizer = ckpt / "tokenizer.json"
+    if args.tokenizer:
+        shutil.copy(args.tokenizer, tokenizer)
+    elif not tokenizer.exists():
+        try:
+            from tools.checkpoints import write_qwen2_tokenizer
+
+            write_qwen2_tokenizer(tokenizer)
+        except SystemExit as e:
+            log(f"e2e skipped: no tokenizer.json ({e}); pass --tokenizer PATH")
+            return None
+    data_file = cache / "lotka_volterra_seed0.h5"
+    if not data_file.exists():
+        subprocess.run([sys.executable, str(ROOT / "data.py"), "--out", str(data_file),
+                        "--seed", "0"], check=True, cwd=ROOT, capture_output=True)
+    return data_file
+
+
+def e2e_table(args, ckpt: Path, cache: Path, job, log) -> list[str]:
+    data_file = e2e_inputs(args, ckpt, cache, log)
+    if data_file is None:
+        return ["**evaluate.py end to end**: skipped, no tokenizer.json (--tokenizer PATH)", ""]
+    r = job("e2e", "ours", "bf16", data=str(data_file), series=args.series,
+            batch=args.eval_batch, out=str(cache / "e2e-eval"))
+    return [
+        f"**evaluate.py end to end** on {args.series} validation series (simulated data, "
+        "random weights; a fresh process: imports, load, prompts, forecasts, the "
+        "teacher-forced pass, files)",
+        "",
+        *table(["batch", "series", "s end to end", "others"],
+               [[str(args.eval_batch), str(args.series), fmt(r["seconds"]),
+                 f"{100 * noise(r):.0f}%"]]),
+        "",
+    ]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch", type=int, default=4, help="training batch")
@@ -355,10 +533,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
     p.add_argument("--prompt", type=int, default=700, help="evaluation prompt length")
     p.add_argument("--new-tokens", type=int, default=100, help="greedy tokens per series")
-    p.add_argument("--eval-batch", type=int, default=50, help="qwen-min's evaluation batch")
+    p.add_argument("--eval-batch", type=int, help="qwen-min's evaluation batch (default 50; "
+                   "cuda: 150, one batch; also evaluate.py's in e2e)")
     p.add_argument("--hf-eval-batches", default="1,16,32", help="transformers' batches to try")
     p.add_argument("--series", type=int, default=150, help="validation series (projection)")
-    p.add_argument("--only", default="train,eval,load", help="which parts, comma-separated")
+    p.add_argument("--only", help="which parts, comma-separated (default: train,eval,load; "
+                   "cuda: train,eval,e2e,load)")
     p.add_argument("--skip-hf", action="store_true", help="qwen-min only (no ratios)")
     p.add_argument(
         "--hf-weights",
@@ -368,8 +548,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: context 128, 1 step, 24 new tokens, eval batch 4",
+        help="smoke run: context 128, 1 step, 24 new tokens, eval batch 4; cuda: context "
+        "768, eager and compiled, bf16 only (aimed at ≤ 5 min; not yet measured)",
     )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the GPU rows and tables)")
+    p.add_argument("--contexts", help="training contexts (default: --context; cuda: 512,768)")
+    p.add_argument("--modes", help="training modes: eager,compiled,cudagraphs (cudagraphs: "
+                   "transformers only; default cpu: eager, cuda: all three)")
+    p.add_argument("--tiny", action="store_true",
+                   help="a 2-layer, 64-wide random model: checks the script, measures nothing")
+    p.add_argument("--tokenizer", help="tokenizer.json for the e2e row (default: built from "
+                   "the test extras, tools/checkpoints.py)")
     p.add_argument("--wait-idle", type=float, default=120, help="max s to wait for idle CPUs")
     p.add_argument("--retries", type=int, default=1, help="reruns of a row others slowed down")
     p.add_argument(
@@ -377,12 +566,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="~/.cache/qwen-min/bench",
         help="where the random checkpoint is written once",
     )
-    p.add_argument("--out", default=str(ROOT / "bench" / "results.md"))
+    p.add_argument("--out", help="the tables (default bench/results.md; cuda: "
+                   "bench/results-gpu.md; --tiny: runs/bench-tiny.md)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
+    gpu = args.device.startswith("cuda")
+    if args.quick and gpu:  # ≤ 5 min on one GPU: one context, bf16, two compiles
+        args.contexts = args.contexts or "768"
+        args.modes = args.modes or "eager,compiled"
+        args.hf_weights, args.hf_eval_batches = "bf16", "1"
+    elif args.quick:
         args.context, args.steps, args.new_tokens, args.eval_batch = 128, 1, 24, 4
         args.hf_eval_batches = "1,4"
+    if args.eval_batch is None:
+        args.eval_batch = 150 if gpu else 50
+    args.contexts = [int(c) for c in (args.contexts or ("512,768" if gpu else
+                                                         str(args.context))).split(",")]
+    args.modes = (args.modes or ("eager,compiled,cudagraphs" if gpu else "eager")).split(",")
+    if not gpu and "cudagraphs" in args.modes:
+        raise SystemExit("--modes cudagraphs needs --device cuda (CUDA graphs are GPU-only)")
+    if "compiled" in args.modes or "cudagraphs" in args.modes:
+        args.warmup = max(args.warmup, 3)  # compile, then CUDA graph warm-up and recording
+    args.only = args.only or ("train,eval,e2e,load" if gpu else "train,eval,load")
+    if args.out is None:
+        args.out = ("runs/bench-tiny.md" if args.tiny else
+                    "bench/results-gpu.md" if gpu else "bench/results.md")
     return args
 
 
@@ -393,12 +601,17 @@ def main(argv=None) -> int:
         return 0
     import flops
     from qwen_min import Qwen2Config
-    from qwen_min.runtime import atomic_write_text
+    from qwen_min.runtime import atomic_write_text, pick_device
 
+    device = pick_device(args.device)
+    gpu = device.type == "cuda"
+    mem = "peak GPU GB" if gpu else "peak RSS GB"
     only = set(args.only.split(","))
     hf_weights = [] if args.skip_hf else args.hf_weights.split(",")
     hf_batches = [int(b) for b in args.hf_eval_batches.split(",")]
-    ckpt = Path(args.cache).expanduser() / "qwen2.5-0.5b-random-seed0"
+    arch = TINY if args.tiny else QWEN25_05B
+    cache = Path(args.cache).expanduser()
+    ckpt = cache / ("tiny-random-seed0" if args.tiny else "qwen2.5-0.5b-random-seed0")
     started = time.time()
     out: list[str] = []
 
@@ -406,12 +619,13 @@ def main(argv=None) -> int:
         print(line, flush=True)
 
     if not (ckpt / "model.safetensors").exists():
-        log(f"writing the random Qwen2.5-0.5B checkpoint to {ckpt} (once)")
+        log(f"writing the random checkpoint to {ckpt} (once)")
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        run_job({"task": "checkpoint", "ckpt": str(ckpt)}, args.wait_idle, 0, log)
+        run_job({"task": "checkpoint", "ckpt": str(ckpt), "arch": arch}, args.wait_idle, 0, log)
 
     def job(task: str, impl: str, weights: str, **kw) -> dict:
-        spec = {"task": task, "impl": impl, "weights": weights, "ckpt": str(ckpt)} | kw
+        spec = {"task": task, "impl": impl, "weights": weights, "ckpt": str(ckpt),
+                "device": str(device), "vocab": arch["vocab_size"]} | kw
         desc = " ".join(f"{k}={v}" for k, v in spec.items() if k not in ("task", "ckpt"))
         log(f"{task}: {desc}")
         r = run_job(spec, args.wait_idle, args.retries, log)
@@ -420,73 +634,21 @@ def main(argv=None) -> int:
 
     log("matmul peak ...")
     wait_for_idle(args.wait_idle)
-    peak = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
-    cfg = Qwen2Config()
+    peak = {k: matmul_peak(v, device) for k, v in DTYPES.items()}
+    cfg = Qwen2Config(**{k: v for k, v in arch.items() if k != "max_position_embeddings"})
+    where = (f"{torch.cuda.get_device_name(device)}, {os.cpu_count()} host CPUs" if gpu
+             else f"{os.cpu_count()} CPUs")
     out += [
-        f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}; measured matmul peak "
-        f"(square bf16 / fp32 products): **{peak['bf16']:.3f} / {peak['fp32']:.3f} TFLOP/s**.",
+        f"Machine: {where}, torch {torch.__version__}; measured matmul peak "
+        f"(square bf16 / fp32 products): **{peak['bf16']:.3f} / {peak['fp32']:.3f} TFLOP/s**."
+        + (" **A tiny random model (--tiny): these numbers measure nothing.**"
+           if args.tiny else ""),
         "",
     ]
 
     if "train" in only:
-        B, L = args.batch, args.context
-        step_flops = flops.train_step_flops(cfg, B, L, RANK, TARGETS)
-        # the products a LoRA step executes: the forward's, and in the backward those that carry
-        # the gradient to the inputs (frozen weights need no weight gradient); LoRA's own weight
-        # gradients are < 0.1% more
-        forward = flops.forward_flops(cfg, B, L, lora_rank=RANK, lora_targets=TARGETS, loss=True)
-        step_matmuls = 2 * flops.matmul_subtotal(forward)
-        kw = dict(batch=B, context=L, steps=args.steps, warmup=args.warmup)
-        # each qwen-min row next to its transformers rows, so a slow drift of the machine's
-        # speed touches both sides of a ratio alike
-        settings = [("ours", "bf16", "bf16", True)]
-        settings += [("hf", "bf16", w, True) for w in hf_weights]
-        settings += [("ours", "fp32", "fp32", False)]
-        settings += [("hf", "fp32", "fp32", False)] if hf_weights else []
-        results = {}
-        for impl, prec, weights, ac in settings:
-            results[impl, prec, weights] = job("train", impl, weights, autocast=ac, **kw)
-        rows = []
-        best = {}
-        for (impl, prec, _), r in results.items():
-            r["s"] = min(r["seconds"])
-            if impl == "hf":
-                best[prec] = min(best.get(prec, math.inf), r["s"])
-        for (impl, prec, weights), r in sorted(results.items(), key=lambda kv: kv[0][0] != "ours"):
-            s = r["s"]
-            name = "qwen-min" if impl == "ours" else "transformers + PEFT"
-            ratio = f"**{best[prec] / s:.2f}×**" if impl == "ours" and prec in best else ""
-            rows.append([
-                name, prec, f"{weights} weights" + (" + autocast" if prec == "bf16" else ""),
-                fmt(s), fmt(B * L / s), f"{step_flops / s / 1e12:.3f}",
-                f"{100 * step_matmuls / s / 1e12 / peak[prec]:.0f}%", f"{r['peak_gb']:.2f}",
-                f"{100 * noise(r):.0f}%", ratio,
-            ])  # fmt: skip
-        out += [
-            f"**LoRA training step** (batch {B} × context {L}, rank {RANK} on q_proj/v_proj, "
-            f"Adam; best of {args.steps} steps after {args.warmup} warm-up). TFLOP/s: the "
-            f"{step_flops / 1e12:.2f} TFLOP that flops.py counts per step (3 × forward). "
-            f"MFU: the {step_matmuls / 1e12:.2f} TFLOP of matrix products the step must run "
-            "(forward, and the input gradients: frozen weights need no weight gradient) "
-            "over the measured peak. Peak RSS: during the steps, weights included.",
-            "",
-        ]
-        out += table(
-            [
-                "implementation",
-                "precision",
-                "setting",
-                "s/step",
-                "tokens/s",
-                "TFLOP/s counted",
-                "MFU",
-                "peak RSS GB",
-                "others",
-                "speed-up",
-            ],
-            rows,
-        )
-        out += [""]
+        for L in args.contexts:
+            out += train_table(args, cfg, L, peak, hf_weights, job, mem, flops)
 
     if "eval" in only:
         P, N = args.prompt, args.new_tokens
@@ -528,7 +690,7 @@ def main(argv=None) -> int:
                 "s/series",
                 f"min for {args.series}",
                 "TFLOP/s counted",
-                "peak RSS GB",
+                mem,
                 "others",
                 "speed-up",
             ],
@@ -545,6 +707,9 @@ def main(argv=None) -> int:
                 f"{len(a)} (bf16 rounding may split near-ties on random weights).",
             ]
         out += [""]
+
+    if "e2e" in only:
+        out += e2e_table(args, ckpt, cache, job, log)
 
     if "load" in only:
         rows = []
@@ -563,11 +728,12 @@ def main(argv=None) -> int:
                 ]
             )
         out += [
-            "**Loading** the 0.5B checkpoint (bf16 safetensors, 0.99 GB, in the page cache)",
+            f"**Loading** the {'tiny' if args.tiny else '0.5B'} checkpoint (bf16 safetensors, "
+            f"in the page cache) to {device}",
             "",
         ]
         out += table(
-            ["loader", "to dtype", "load s", "to first logits s", "peak RSS GB", "others"], rows
+            ["loader", "to dtype", "load s", "to first logits s", mem, "others"], rows
         )
         out += [""]
 
