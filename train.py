@@ -34,7 +34,8 @@ from tqdm import tqdm
 import data
 import flops
 from lora import apply_lora, lora_parameters, save_adapter
-from qwen_min import CheckpointError, count_flops, load_model, load_tokenizer
+from qwen_min import CheckpointError, count_flops, distributed, load_model, load_tokenizer
+from qwen_min.compiled import CompiledTrainStep, use_compile_cache
 from qwen_min.loading import DEFAULT_MODEL
 from qwen_min.runtime import (
     atomic_write_bytes,
@@ -70,6 +71,7 @@ DEFAULTS = dict(
     flops_budget=flops.BUDGET,
     ledger="runs/ledger.jsonl",
     tensorboard=False,
+    compile="auto",  # auto: on for CUDA (the whole step as CUDA graphs), off elsewhere
 )
 
 
@@ -105,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ledger", help="JSONL ledger of counted FLOPs across all runs")
     p.add_argument("--tensorboard", action="store_true", help="log scalars to <out>/tensorboard "
                    "(pip install '.[tracking]')")
+    p.add_argument("--compile", choices=["auto", "on", "off"], help="the whole step as one "
+                   "compiled graph (qwen_min/compiled.py); auto: on for CUDA, off elsewhere")
     p.add_argument("--force", action="store_true", help="run even if the budget would be exceeded")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.set_defaults(**DEFAULTS)
@@ -317,7 +321,7 @@ def check_resume_config(run: Path, args, data_sha256: str) -> dict:
                        f"steps that {run}'s cosine schedule decays over; resume with --steps "
                        f"{saved.get('steps')}, or start a new run to train longer")
     free = {"steps", "resume", "force", "eval_every", "checkpoint_every", "device", "ledger",
-            "flops_budget", "tensorboard", "out"}  # a moved or copied run folder resumes
+            "flops_budget", "tensorboard", "out", "compile"}  # a moved or copied run folder resumes
     if args.early_stop:  # evaluations decide when it stops
         free.remove("eval_every")
     changed = {k: (saved[k], v) for k, v in vars(args).items()
@@ -518,18 +522,42 @@ def planned_flops(args, cfg, targets: tuple[str, ...], start: int, n_val: int) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # under torchrun every process runs this; a plain `python train.py` is a world of one
+    world = distributed.init_from_env(pick_device(args.device))
     try:
-        return run_training(args)
+        return run_training(args, world)
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown(world)
 
 
-def run_training(args: argparse.Namespace) -> int:
+def pick_step(args, model, optimizer, world: distributed.World, device, dtype):
+    """The step function `(batch, lr) -> (loss, counted FLOPs)`: the whole step compiled as one
+    graph (CUDA graphs on CUDA), or the eager train_step, through DDP under torchrun."""
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda"
+                                         and world.size == 1)
+    if compiled and world.size > 1:
+        raise RunError("--compile on is not supported under torchrun (several processes); "
+                       "pass --compile off or auto")
+    if compiled:  # a second run (a sweep's next one) reuses the compiled kernels from disk
+        use_compile_cache(Path(args.ledger).parent / "compile-cache")
+        return CompiledTrainStep(model, optimizer, args.batch_size, args.context_length,
+                                 device, dtype)
+    trainer = distributed.data_parallel(model, world)
+    return lambda batch, lr: train_step(trainer, optimizer, batch, lr, device, dtype)
+
+
+def run_training(args: argparse.Namespace, world: distributed.World) -> int:
     run = Path(args.out)
     SummaryWriter = tensorboard_writer_class() if args.tensorboard else None
-    device = pick_device(args.device)
+    device = distributed.local_device(world, pick_device(args.device))
     dtype = pick_dtype(args.dtype, device)
+    try:  # this rank's rows of every global batch (all of them in a world of one)
+        shard = distributed.shard_rows(args.batch_size, world)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     try:
         # under bf16 autocast the frozen base is kept in bf16 (half the memory, no per-call
@@ -551,17 +579,20 @@ def run_training(args: argparse.Namespace) -> int:
     if args.resume:
         config = check_resume_config(run, args, data_sha256)
         progress = restore(read_state(run / "state.pt"), run / "state.pt", model, optimizer)
-        truncate_metrics(run / "metrics.jsonl", progress.step)
+        if world.is_main:
+            truncate_metrics(run / "metrics.jsonl", progress.step)
     else:
         if (run / "state.pt").exists():
             raise RunError(f"{run} already holds a run; pass --resume to continue it, or choose "
                            "another --out")
         progress = Progress(run_id=uuid.uuid4().hex)
-        truncate_metrics(run / "metrics.jsonl", 0)  # left by a start killed before a checkpoint
+        if world.is_main:  # drop metrics left by a start killed before its first checkpoint
+            truncate_metrics(run / "metrics.jsonl", 0)
         config = vars(args) | {"data_sha256": data_sha256, "run_id": progress.run_id,
                                "provenance": provenance()}
     if progress.stopped_early or progress.step >= args.steps:
-        write_config(run, config | {"stopped": stop_record(progress, args)})
+        if world.is_main:
+            write_config(run, config | {"stopped": stop_record(progress, args)})
         print(f"{run}: already stopped at step {progress.step} "
               f"({stop_record(progress, args)['why']}); nothing to do")
         return 0
@@ -573,7 +604,9 @@ def run_training(args: argparse.Namespace) -> int:
     except flops.BudgetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    write_config(run, config)
+    if world.is_main:
+        write_config(run, config)
+    step_fn = pick_step(args, model, optimizer, world, device, dtype)
 
     metadata = {
         "scaler": scaler.to_dict(),
@@ -584,33 +617,42 @@ def run_training(args: argparse.Namespace) -> int:
     n_windows = len(train["input_ids"])
     print(f"{run}: {n_windows} training windows of {L} tokens, LoRA r={args.rank} "
           f"alpha={args.alpha:g} on {','.join(targets)} ({n_trainable:,} trainable), "
-          f"{device} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, "
-          f"planned {planned:.3g} FLOPs")
+          f"{device} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}"
+          f"{', compiled' if isinstance(step_fn, CompiledTrainStep) else ''}"
+          f"{f', {world.size} processes' if world.size > 1 else ''}, planned {planned:.3g} FLOPs")
     ledger = RunLedger(args, run, progress, targets)
     # purge_step: events a killed session logged after its last checkpoint are replaced
-    writer = SummaryWriter(str(run / "tensorboard"), purge_step=start) if SummaryWriter else None
+    writer = (SummaryWriter(str(run / "tensorboard"), purge_step=start)
+              if SummaryWriter and world.is_main else None)
     used_before = flops.ledger_total(args.ledger)
     session_flops, t0 = 0, time.time()
     plotted = t0
     try:
         with StopFlag() as stop:
             bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train",
-                       dynamic_ncols=True)
+                       dynamic_ncols=True, disable=not world.is_main)
             for step in bar:
                 t_step = time.time()
-                rows = torch.from_numpy(batch_indices(step, n_windows, B, args.seed))
+                rows = torch.from_numpy(batch_indices(step, n_windows, B, args.seed)[shard])
                 lr = learning_rate(step, args)
-                loss, n_flops = train_step(model, optimizer, device_batch(train, rows, device),
-                                           lr, device, dtype)
+                loss, n_flops = step_fn(device_batch(train, rows, device), lr)
+                # the global batch's loss, and the FLOPs every rank ran (exact integers)
+                loss = distributed.global_mean(world, loss)
+                n_flops = distributed.all_reduce_sum(world, n_flops)
                 progress.step = step + 1
                 scalars = {"train/loss": loss, "train/lr": lr,
                            "train/tokens_per_s": B * L / (time.time() - t_step)}
                 record = {"step": progress.step, "loss": loss, "lr": lr}
                 if args.eval_every and progress.step % args.eval_every == 0:
-                    val_loss, eval_flops = validation_loss(model, val, B, device, dtype)
-                    n_flops += eval_flops
+                    # rank 0 validates; the sum hands its loss to every rank (the others add 0),
+                    # so all ranks take the same early-stopping decision
+                    val_loss, eval_flops = (validation_loss(model, val, B, device, dtype)
+                                            if world.is_main else (0.0, 0))
+                    val_loss = distributed.all_reduce_sum(world, val_loss)
+                    n_flops += distributed.all_reduce_sum(world, eval_flops)
                     record["val_loss"] = scalars["val/loss"] = val_loss
-                    if progress.validated(val_loss, progress.step) and args.early_stop:
+                    if (progress.validated(val_loss, progress.step) and args.early_stop
+                            and world.is_main):
                         save_adapter(model, run / "adapter", args.model, metadata | {
                             "step": progress.step, "val_loss": val_loss})
                     progress.stopped_early = bool(
@@ -619,7 +661,8 @@ def run_training(args: argparse.Namespace) -> int:
                 session_flops += n_flops
                 ledger.add(n_flops)
                 record |= {"flops": progress.flops, "seconds": round(time.time() - t0, 3)}
-                append_jsonl(run / "metrics.jsonl", record)
+                if world.is_main:
+                    append_jsonl(run / "metrics.jsonl", record)
                 used = used_before + session_flops
                 scalars |= {"flops/used": used, "flops/budget_share": used / args.flops_budget}
                 if writer:
@@ -628,20 +671,25 @@ def run_training(args: argparse.Namespace) -> int:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{scalars['train/tokens_per_s']:.0f}",
                                 flops=f"{used:.2e}",
                                 budget=f"{100 * used / args.flops_budget:.2f}%")
-                ending = stop.requested or progress.stopped_early or progress.step == args.steps
-                if ending or progress.step % args.checkpoint_every == 0:
+                # a signal to any rank stops them all after the same step
+                stopping = distributed.all_reduce_sum(world, int(stop.requested)) > 0
+                ending = stopping or progress.stopped_early or progress.step == args.steps
+                if world.is_main and (ending or progress.step % args.checkpoint_every == 0):
                     checkpoint(run, progress, ledger, model, optimizer, args, metadata)
                     if ending or time.time() - plotted >= PLOT_SECONDS:
                         plot_loss(run)
                         plotted = time.time()
-                if stop.requested or progress.stopped_early:
+                if stopping or progress.stopped_early:
                     break
             bar.close()
     finally:  # steps since the last checkpoint (a second Ctrl-C, an exception) are on it too
-        ledger.record(progress.step)
+        if world.is_main:
+            ledger.record(progress.step)
         if writer:
             writer.close()
     stopped = stop_record(progress, args)
+    if not world.is_main:
+        return 0
     write_config(run, config | {"stopped": stopped})
     print(f"{run}: step {progress.step}/{args.steps}, {session_flops:.3e} FLOPs counted this "
           f"session (run total {progress.flops:.3e}); adapter in {run / 'adapter'}")

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from .model import (
     KVCache,
     Qwen2ForCausalLM,
-    attention_mask_4d,
     count_flops,
     rope_cos_sin,
 )
@@ -59,22 +58,6 @@ def compile_mode(device: torch.device) -> str | None:
 # ----------------------------------------------------------------------------- the loss
 
 
-def padded_hidden_states(
-    model: Qwen2ForCausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """`model.hidden_states(input_ids, attention_mask)` without its `bool(mask.all())` check,
-    a host sync that breaks the graph: always the masked path, so one graph serves padded and
-    unpadded batches alike (an all-ones mask gives the same function as no mask)."""
-    T = input_ids.shape[1]
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    mask = attention_mask_4d(attention_mask, T)  # (B, 1, T, T)
-    x = model.model.embed_tokens(input_ids)  # (B, T, d)
-    cos, sin = rope_cos_sin(model.cfg, positions, x.dtype)
-    for i, layer in enumerate(model.model.layers):
-        x = layer(x, cos, sin, mask, None, i)
-    return model.model.norm(x)
-
-
 def chunked_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024
 ) -> torch.Tensor:
@@ -100,7 +83,9 @@ class _StepLoss(nn.Module):
 
     def forward(self, input_ids, labels, attention_mask) -> torch.Tensor:
         with autocast(self.device, self.dtype):
-            h = padded_hidden_states(self.model, input_ids, attention_mask)  # (B, T, d)
+            # always the masked path (no host-side "is anything padded?" check), so one graph
+            # serves padded and unpadded batches; an all-ones mask gives the function of None
+            h = self.model.hidden_states(input_ids, attention_mask)  # (B, T, d)
             d = h.shape[-1]
             h = h[:, :-1].reshape(-1, d)  # (B·(T−1), d): position t predicts label t+1
             return chunked_cross_entropy(h, self.model.lm_head.weight, labels[:, 1:].reshape(-1))
@@ -214,7 +199,10 @@ class CompiledTrainStep:
             raise ValueError(f"CompiledTrainStep was built for batches of {want}, got {got}")
         self.input_ids.copy_(batch["input_ids"])
         self.labels.copy_(batch["labels"])
-        self.attention_mask.copy_(batch["attention_mask"])
+        if batch["attention_mask"] is None:  # an unpadded batch (train.device_batch)
+            self.attention_mask.fill_(1)
+        else:
+            self.attention_mask.copy_(batch["attention_mask"])
         self.lr.fill_(lr)
         for group in self.optimizer.param_groups:  # what a saved state_dict records
             group["lr"] = lr
