@@ -390,13 +390,18 @@ def stage_rows(runs: Runs, names: list[str]) -> list[tuple[list[str], Path, dict
 SETTING_HEADERS = ["run", "rank", "lr", "context", "steps"]
 
 
+def listed(value: str | list) -> list[str]:
+    """A sweep.json list: sweep.py writes lists; a comma-separated string (as typed) also reads."""
+    return [str(x).strip() for x in (value.split(",") if isinstance(value, str) else value)]
+
+
 def grid_names(sweep: Path) -> list[str]:
     """Every rank × lr pair of the grid (sweep.json's, else the folders'), then stray folders."""
     cfg = sweep_config(sweep)
     found = {m.groups() for p in sweep.iterdir()
              if (m := re.fullmatch(r"grid-r(\d+)-lr(.+)", p.name))}
-    ranks = cfg["ranks"].split(",") if "ranks" in cfg else sorted({r for r, _ in found}, key=int)
-    lrs = ([f"{float(x):g}" for x in cfg["lrs"].split(",")] if "lrs" in cfg
+    ranks = listed(cfg["ranks"]) if "ranks" in cfg else sorted({r for r, _ in found}, key=int)
+    lrs = ([f"{float(x):g}" for x in listed(cfg["lrs"])] if "lrs" in cfg
            else sorted({lr for _, lr in found}, key=float))
     names = [f"grid-r{r}-lr{lr}" for r, lr in itertools.product(ranks, lrs)]
     return names + sorted({f"grid-r{r}-lr{lr}" for r, lr in found} - set(names))
@@ -405,7 +410,7 @@ def grid_names(sweep: Path) -> list[str]:
 def context_names(sweep: Path) -> list[str]:
     cfg = sweep_config(sweep)
     found = {p.name for p in sweep.glob("context-*") if p.is_dir()}
-    expected = [f"context-{c}" for c in cfg["contexts"].split(",")] if "contexts" in cfg else []
+    expected = [f"context-{c}" for c in listed(cfg["contexts"])] if "contexts" in cfg else []
     return expected + sorted(found - set(expected), key=lambda n: int(n.split("-")[1]))
 
 

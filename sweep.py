@@ -39,7 +39,7 @@ import flops
 from qwen_min import CheckpointError
 from qwen_min.loading import DEFAULT_MODEL, load_config, resolve_checkpoint
 from qwen_min.model import ConfigError, Qwen2Config
-from qwen_min.runtime import atomic_write_bytes, atomic_write_text
+from qwen_min.runtime import atomic_write_bytes, atomic_write_text, provenance
 
 HERE = Path(__file__).resolve().parent
 BUDGET_EXIT = 3  # train.py's and evaluate.py's exit code for a refused run
@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     if total > args.flops_budget:
         print("  the plan does not fit: the sweep stops before the first run that would overrun it")
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    # the sweep's flags (its grid, for report.py) and the code that ran it
+    atomic_write_text(Path(args.out) / "sweep.json", json.dumps(
+        vars(args) | {"provenance": provenance()}, indent=2) + "\n")
     rows, note = run_stages(args, plan)
     best_by = "best = lowest mse_scaled_filled (mse_scaled where a run's metrics lack it)"
     write_summary(Path(args.out), rows, f"{note} {best_by}.")

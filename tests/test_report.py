@@ -262,3 +262,13 @@ def test_index_html_renders_in_headless_chromium_with_every_image_decoded(runs, 
     assert len(widths) == read_md(runs).count("\n![") == 5
     assert min(widths) > 0, widths
     assert [x for x in done.stderr.splitlines() if ":CONSOLE" in x] == []
+
+
+def test_grid_and_context_runs_come_from_sweep_json(tmp_path):
+    """sweep.json as sweep.py writes it (lists): every planned run is named, started or not."""
+    (tmp_path / "grid-r4-lr0.01").mkdir()
+    (tmp_path / "sweep.json").write_text(json.dumps(
+        {"ranks": [2, 4], "lrs": [0.001, 0.01], "contexts": [64, 128]}))
+    assert report.grid_names(tmp_path) == ["grid-r2-lr0.001", "grid-r2-lr0.01",
+                                           "grid-r4-lr0.001", "grid-r4-lr0.01"]
+    assert report.context_names(tmp_path) == ["context-64", "context-128"]
