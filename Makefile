@@ -31,9 +31,13 @@ flops:
 	$(PY) flops.py
 
 # LoRA fine-tuning with the published best setting (rank 8, lr 1e-4, context 768, 3000 steps);
-# e.g. ARGS="--resume", ARGS="--eval-every 100 --early-stop 5", ARGS="--tensorboard"
+# e.g. ARGS="--resume", ARGS="--eval-every 100 --early-stop 5", ARGS="--tensorboard".
+# On CUDA the step is compiled (--compile auto). NPROC=N: N processes (GPUs) through torchrun,
+# the global --batch-size split across them
+NPROC ?= 1
 train:
-	$(PY) train.py --model $(MODEL) --data $(DATA) --out $(RUN) $(ARGS)
+	$(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone \
+		--nproc_per_node $(NPROC),$(PY)) train.py --model $(MODEL) --data $(DATA) --out $(RUN) $(ARGS)
 
 # greedy forecasts on all validation series; ADAPTER= (empty) evaluates the untrained model
 eval:
