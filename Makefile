@@ -12,12 +12,17 @@ ADAPTER ?= $(RUN)/adapter
 EVAL_OUT ?= $(RUN)/eval
 ARGS ?=
 
-.PHONY: setup test data flops train eval sweep demo bench report
+.PHONY: setup browser test data flops train eval sweep demo bench report
 setup:
 	test -x $(PY) || python3 -m venv .venv
 	if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
 		$(PY) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q -e '.[test]'
+
+# optional: Chromium for the report's browser test and README screenshot (Debian's package;
+# needs apt and root). Without a browser that one test is skipped
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 test:
 	$(PY) -m pytest -q
