@@ -128,7 +128,7 @@ def test_sampled_forecasts(setup, tmp_path, monkeypatch):
     from the samples, every sample is kept, and each series has its own seed."""
     samples = ["7.00,9.99;8.00,9.99;9.00,9.99;",  # series 0: the truth,
                "8.00,9.99;8.00,9.99;9.00,9.99;",  # prey +2 (scaled +1) at step 0,
-               "9.00,9.99;8.00,9.99;9.00,9.99;",  # prey +4 (scaled +2) at step 0
+               "10.00,9.99;8.00,9.99;9.00,9.99;",  # prey +6 (scaled +3) at step 0
                *["7.00,9.99;8.00,9.99;9.00,9.99;"] * 2,  # series 1: 2 exact,
                "7.00;8.00;9.00;"]  # and 1 that fails every step
     stub = stub_generate(setup[2], samples)
@@ -139,12 +139,13 @@ def test_sampled_forecasts(setup, tmp_path, monkeypatch):
                      "0.9", "--seed", "5")
     assert evaluate.main(args) == 0
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    # median of series 0, step 0 prey: 8 (scaled error 1); all else exact over 12 cells
+    # median of series 0, step 0 prey: 8 (scaled error 1; the mean would be 8.33); all else
+    # exact, over 12 cells
     assert m["mse_scaled"] == pytest.approx(1 / 12, rel=REL)
     assert m["mse_scaled_filled"] == pytest.approx(1 / 12, rel=REL)
-    # the one inexact cell: samples 0, 1, 2 (scaled errors) → mean|X−y| = 1,
-    # mean|X−X'| = (0+1+2+1+0+1+2+1+0)/9 = 8/9, so CRPS = 1 − 4/9 = 5/9; the other 11 are 0
-    assert m["crps_scaled"] == pytest.approx(5 / 9 / 12, rel=REL)
+    # the one inexact cell: scaled errors 0, 1, 3 → mean|X−y| = 4/3,
+    # mean|X−X'| = 2·(1 + 3 + 2)/9 = 4/3, so CRPS = 4/3 − 2/3 = 2/3; the other 11 are 0
+    assert m["crps_scaled"] == pytest.approx(2 / 3 / 12, rel=REL)
     assert m["parse_failure_rate"] == pytest.approx(3 / 18)  # 1 sample × 3 steps of 6 × 3
     assert m["generation_ce"] is None and m["teacher_forced_ce"] > 0
     assert m["decoding"] == "grammar-constrained, 3 samples"
@@ -280,7 +281,7 @@ def test_ledger_equals_the_closed_form(setup, adapter, tmp_path, monkeypatch):
     prices the same evaluation at the same figure, exactly."""
     monkeypatch.setattr(evaluate, "generate", greedy_generate)
     args = base_args(setup, tmp_path, "--adapter", str(adapter), "--batch-size", "2",
-                     "--limit", "3", "--unconstrained")
+                     "--limit", "3", "--forecast-steps", "1", "--unconstrained")
     assert evaluate.main(args) == 0
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     records = flops.read_ledger(tmp_path / "ledger.jsonl")
@@ -292,13 +293,13 @@ def test_ledger_equals_the_closed_form(setup, adapter, tmp_path, monkeypatch):
             cfg, len(r["target_lens"]), r["prompt_len"], r["new_tokens"], r["target_lens"],
             **lora)
     assert sum(r["flops"] for r in records) == m["flops"] > 0
-    # every series the same: 7 context steps of 12 tokens ("0.000,9.990;"), 3·(2·(3+1+3)+2)
-    # generated, 3·12 − 1 target tokens
+    # every series the same: 7 context steps of 12 tokens ("0.000,9.990;"), 2·(3+1+3)+2
+    # generated, 12 − 1 target tokens
     assert {(r["prompt_len"], r["new_tokens"])
-            for r in records} == {(84, 48)} and records[0]["target_lens"] == [35, 35]
+            for r in records} == {(84, 16)} and records[0]["target_lens"] == [11, 11]
     plan = flops.Plan(runs=(flops.Run("eval", steps=0, seq_len=0, rank=2),),
-                      evaluation=flops.Evaluation(series=3, prompt_len=84, new_tokens=48,
-                                                  target_len=35))
+                      evaluation=flops.Evaluation(series=3, prompt_len=84, new_tokens=16,
+                                                  target_len=11))
     assert flops.plan_flops(plan, cfg, lora_targets=lora["lora_targets"])["total"] == m["flops"]
 
 
