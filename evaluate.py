@@ -261,11 +261,11 @@ def auto_batch_size(model, device: torch.device, rows_per_series: int, positions
     return max(1, int((0.7 * free - 2**30) // per_series))
 
 
-def batch_flops(model, prompts, targets, new_tokens: int, samples: int) -> int:
+def batch_flops(model, prompts, targets, new_tokens: int, samples: int, top_p: float) -> int:
     """Closed-form FLOPs of one batch (flops.evaluation_flops), at the padded prompt length."""
     return flops.evaluation_flops(model.cfg, len(prompts), max(len(p) for p in prompts),
                                   new_tokens, [len(t) for t in targets], samples=samples,
-                                  **lora_settings(model))
+                                  top_p=top_p, **lora_settings(model))
 
 
 def text_of(tokenizer, row: list[int]) -> str:
@@ -285,8 +285,8 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
         positions = max(map(len, prompts)) + max(new_tokens, max(map(len, targets)))
         size = auto_batch_size(model, device, S, positions, new_tokens, not args.samples)
     batches = [slice(b, min(b + size, len(prompts))) for b in range(0, len(prompts), size)]
-    planned = sum(batch_flops(model, prompts[sl], targets[sl], new_tokens, args.samples)
-                  for sl in batches)
+    planned = sum(batch_flops(model, prompts[sl], targets[sl], new_tokens, args.samples,
+                              args.top_p) for sl in batches)
     flops.check_budget(args.ledger, planned, args.flops_budget, args.force)
     values = np.full((len(prompts), S, args.forecast_steps, 2), np.nan)
     texts, tf_ce, gen_ce, total = [], [], [], 0
@@ -315,7 +315,8 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
         flops.append_ledger(args.ledger, {
             "kind": "eval", "name": str(out), "flops": counter.total, "split": args.split,
             "series": [sl.start, sl.stop], "prompt_len": T, "new_tokens": tokens.shape[1],
-            "target_lens": [len(t) for t in targets[sl]], "samples": args.samples})
+            "target_lens": [len(t) for t in targets[sl]], "samples": args.samples,
+            "top_p": args.top_p})
     series_texts = [" | ".join(texts[i * S : (i + 1) * S]) for i in range(len(prompts))]
     return values, series_texts, tf_ce, gen_ce or None, total
 

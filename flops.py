@@ -256,10 +256,11 @@ def evaluation_flops(
     lora_targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
     gqa: str = "real",
     samples: int = 0,
+    top_p: float = 1.0,
 ) -> int:
     """One batch of evaluate.py: `batch` prompts left-padded to prompt_len, new_tokens generated
-    (`samples` continuations each, 0 = greedy), then the true targets (target_lens tokens each)
-    teacher-forced through the rewound KV cache, and the cross-entropies."""
+    (`samples` continuations each at `top_p`, 0 = greedy), then the true targets (target_lens
+    tokens each) teacher-forced through the rewound KV cache, and the cross-entropies."""
     lora = dict(lora_rank=lora_rank, lora_targets=lora_targets, gqa=gqa)
     d, V = cfg.hidden_size, cfg.vocab_size
 
@@ -267,7 +268,7 @@ def evaluation_flops(
         return rows * (11 * V + 10) + rows
 
     # greedy calls the signature generation_flops has always had; samples= prices sampling
-    sampling = {"samples": samples} if samples else {}
+    sampling = {"samples": samples, "top_p": top_p} if samples else {}
     total = generation_flops(cfg, batch, prompt_len, new_tokens, **lora, **sampling)
     if samples:  # no logits kept: the prompt's last token runs again for its logits
         total += sum(forward_flops(cfg, batch, 1, past=prompt_len - 1, last_only=True,
@@ -296,6 +297,7 @@ class Evaluation:
     new_tokens: int = 100
     target_len: int = 99
     samples: int = 0
+    top_p: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -339,7 +341,7 @@ def plan_flops(
         if run.rank not in per_eval:
             per_eval[run.rank] = ev.series * evaluation_flops(
                 cfg, 1, ev.prompt_len, ev.new_tokens, [ev.target_len], run.rank, lora_targets,
-                gqa, ev.samples
+                gqa, ev.samples, ev.top_p
             )
         evaluation = run.evaluations * per_eval[run.rank]
         runs.append(asdict(run) | {"train_flops": train, "eval_flops": evaluation})
