@@ -322,14 +322,15 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
 
 
 def forecast_with_baseline(args, series, time, context_steps: int, out):
-    """values (N, 1, steps, 2) from a baseline (non-finite → failed step), its info, 0 FLOPs."""
+    """values (N, 1, steps, 2) from a baseline (non-finite → failed step), the series mean of
+    each per-series diagnostic in its info (lv-fit's residual, …), 0 FLOPs."""
     res = baselines.forecast(args.baseline, series[:, :context_steps], args.forecast_steps,
                              time=time[: context_steps + args.forecast_steps])
     values = np.where(np.isfinite(res.forecasts), res.forecasts, np.nan)[:, None]
     flops.append_ledger(args.ledger, {"kind": "baseline", "name": str(out), "flops": 0,
                                       "baseline": args.baseline, "split": args.split,
                                       "series": [0, len(series)]})
-    info = {k: float(np.mean(v)) for k, v in res.info.items() if np.size(v)}
+    info = {k: float(np.mean(v)) for k, v in res.info.items() if np.shape(v) == (len(series),)}
     return values, info
 
 
