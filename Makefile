@@ -12,7 +12,7 @@ ADAPTER ?= $(RUN)/adapter
 EVAL_OUT ?= $(RUN)/eval
 ARGS ?=
 
-.PHONY: setup browser test data flops train eval sweep demo bench report
+.PHONY: setup browser test data flops train eval baselines sweep report demo bench
 setup:
 	test -x $(PY) || python3 -m venv .venv
 	if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
@@ -44,10 +44,23 @@ train:
 	$(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone \
 		--nproc_per_node $(NPROC),$(PY)) train.py --model $(MODEL) --data $(DATA) --out $(RUN) $(ARGS)
 
-# greedy forecasts on all validation series; ADAPTER= (empty) evaluates the untrained model
+# grammar-constrained greedy forecasts on all validation series; ADAPTER= (empty) evaluates the
+# untrained model; sampled forecasts with intervals and CRPS: ARGS="--samples 20"
 eval:
 	$(PY) evaluate.py --model $(MODEL) --data $(DATA) $(if $(ADAPTER),--adapter $(ADAPTER)) \
 		--out $(EVAL_OUT) $(ARGS)
+
+# every baseline on the val and test splits (no language model, 0 FLOPs): runs/baselines/SPLIT/
+# NAME, and runs/baselines/SPLIT/compare.md beside them
+baselines:
+	for split in val test; do \
+		for name in $$($(PY) -c "import baselines; print(*baselines.NAMES)"); do \
+			$(PY) evaluate.py --baseline $$name --data $(DATA) --split $$split \
+				--out runs/baselines/$$split/$$name $(ARGS) >/dev/null || exit 1; \
+		done; \
+		$(PY) evaluate.py --compare $$(ls -d runs/baselines/$$split/*/) \
+			--out runs/baselines/$$split || exit 1; \
+	done
 
 # the coursework's plan: rank x lr grid, context study, final run, fitted to 98% of the budget
 # (the grid shortened first; ARGS="--plan published" runs the published plan until the budget)
@@ -60,7 +73,8 @@ RUNS ?= runs
 report:
 	$(PY) report.py --runs $(RUNS) $(ARGS)
 
-# every part, offline, on a tiny random-weight model: about 5 minutes on 2 CPU cores
+# every part, offline, on a tiny random-weight model, with the baselines on the same series and
+# the report at the end
 demo:
 	bash tools/demo.sh
 

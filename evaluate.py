@@ -1,17 +1,27 @@
-"""Forecast evaluation: greedy LLMTIME forecasts of held-out Lotka–Volterra series.
+"""Forecast evaluation: LLMTIME forecasts of held-out Lotka–Volterra series, and baselines.
 
     python evaluate.py --out runs/eval-base                               # the untrained model
     python evaluate.py --adapter runs/final/adapter --out runs/eval-final # a trained adapter
+    python evaluate.py --adapter runs/final/adapter --samples 20 --out runs/eval-final-s20
+    python evaluate.py --baseline lv-fit --out runs/baselines/val/lv-fit  # no language model
     python evaluate.py --compare runs/eval-base runs/eval-final --out runs/compare
 
-Each series' first 70% of time steps is the prompt (ending in ';'); the model greedily
-writes the next --forecast-steps steps, batched with the KV cache. Written to --out:
-metrics.json, per_series.csv, forecasts.npz, trajectories.png and horizon.png; the counted
-FLOPs go to the ledger.
+Each series' first 70% of time steps is the prompt (ending in ';'); the model writes the next
+--forecast-steps steps, batched with the KV cache. Decoding is grammar-constrained by default
+(only `int.frac,int.frac;` can be written: qwen_min.grammar) and greedy; `--unconstrained` lets
+the model write any token. `--samples N` draws N constrained continuations per series
+(`--temperature`, `--top-p`, `--seed`); the point forecast is their per-step median, as in
+LLMTIME (Gruver et al. 2023). `--baseline NAME` forecasts with a classical method instead
+(baselines.py), on the same series, prompt length and horizon. Written to --out: metrics.json,
+per_series.csv, forecasts.npz (every sample), trajectories.png and horizon.png; the counted
+FLOPs go to the ledger, one record per batch, so a killed evaluation loses at most one batch.
 
-Scores. MSE/MAE are over the steps that parsed (a step is two numbers); steps the model
-garbled or never wrote count in `parse_failure_rate` instead. "Scaled" is in LLMTIME units
-(value / α, what the coursework reports), "original" in the data's own units.
+Scores. "Scaled" is in LLMTIME units (value / α, what the coursework reports), "original" in
+the data's own units. MSE/MAE are over the steps that parsed; `mse_scaled_filled` puts the
+persistence forecast (the last context value) in every step that did not, so runs with
+different failure rates compare fairly. CRPS is the sample estimator mean|X−y| − ½·mean|X−X'|
+(a point forecast is one sample: its CRPS is its absolute error). `coverage_50`/`coverage_90`:
+how often the truth lies in the samples' central 50%/90% interval.
 """
 
 from __future__ import annotations
@@ -21,17 +31,20 @@ import csv
 import io
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import baselines
 import data
 import flops
 from lora import AdapterError, load_adapter
 from qwen_min import CheckpointError, KVCache, count_flops, generate, load_model, load_tokenizer
 from qwen_min.generate import cache_dtype
+from qwen_min.grammar import LLMTimeGrammar
 from qwen_min.loading import DEFAULT_MODEL
 from qwen_min.model import LoRALinear, cross_entropy
 from qwen_min.runtime import (
@@ -40,19 +53,26 @@ from qwen_min.runtime import (
     autocast,
     pick_device,
     pick_dtype,
+    provenance,
 )
 
 DEFAULTS = dict(
     model=DEFAULT_MODEL,
     adapter=None,
+    baseline=None,
     data="data/lotka_volterra_data.h5",
     split="val",
-    split_seed=42,
-    decimals=2,
+    split_seed=None,  # None: the adapter's, else ENCODING_DEFAULTS
+    decimals=None,
+    context_fraction=None,
     limit=None,
     forecast_steps=10,
-    context_fraction=0.7,
-    batch_size=16,
+    unconstrained=False,
+    samples=0,
+    temperature=1.0,
+    top_p=1.0,
+    seed=0,
+    batch_size="auto",
     dtype="auto",
     device="auto",
     out="runs/eval",
@@ -60,20 +80,37 @@ DEFAULTS = dict(
     flops_budget=flops.BUDGET,
     plot_series=4,
 )
+# What defines the split and the encoding. An adapter's metadata fixes them (a flag that
+# contradicts it is an error); without an adapter these defaults are train.py's.
+ENCODING_DEFAULTS = dict(split_seed=42, decimals=2, context_fraction=0.7)
+CPU_BATCH = 16
+INTERVALS = (0.5, 0.9)  # central intervals whose coverage is reported
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line: argparse's usage block would hide the message
+        self.exit(2, f"error: {message}\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="hub repo id or local checkpoint folder")
     p.add_argument("--adapter", help="a LoRA adapter folder written by train.py (optional)")
+    p.add_argument("--baseline", help=f"forecast with a baseline instead: {baselines.NAMES}")
     p.add_argument("--data", help="HDF5 file with /trajectories and /time")
     p.add_argument("--split", choices=["val", "test"])
-    p.add_argument("--split-seed", type=int)
-    p.add_argument("--decimals", type=int, help="without --adapter (with one, its metadata rules)")
+    p.add_argument("--split-seed", type=int, help="default 42 (with --adapter: its own)")
+    p.add_argument("--decimals", type=int, help="default 2 (with --adapter: its own)")
+    p.add_argument("--context-fraction", type=float, help="share of each series in the prompt")
     p.add_argument("--limit", type=int, help="first N series of the split (default: all)")
-    p.add_argument("--forecast-steps", type=int, help="steps to forecast (10 = 100 tokens)")
-    p.add_argument("--context-fraction", type=float)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--forecast-steps", type=int, help="steps to forecast")
+    p.add_argument("--unconstrained", action="store_true",
+                   help="let the model write any token (the raw greedy protocol)")
+    p.add_argument("--samples", type=int, help="sampled continuations per series (0: greedy)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (> 0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: keep this much probability")
+    p.add_argument("--seed", type=int, help="sampling seed (series i uses seed + i)")
+    p.add_argument("--batch-size", help="series per batch, or auto (CUDA: what fits; CPU: 16)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device")
     p.add_argument("--out", help="output folder")
@@ -87,6 +124,71 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first numeric flag out of range, as a one-line message; None when all are valid."""
+    if args.batch_size != "auto":
+        try:
+            args.batch_size = int(args.batch_size)
+        except ValueError:
+            return f"--batch-size must be an integer ≥ 1 or auto, got {args.batch_size!r}"
+    rules = [
+        ("--limit", args.limit, args.limit is None or args.limit >= 1,
+         "an integer ≥ 1 (the first N series of the split; leave it out for all)"),
+        ("--forecast-steps", args.forecast_steps, args.forecast_steps >= 1, "an integer ≥ 1"),
+        ("--batch-size", args.batch_size, args.batch_size == "auto" or args.batch_size >= 1,
+         "an integer ≥ 1 or auto"),
+        ("--samples", args.samples, args.samples >= 0, "an integer ≥ 0 (0: greedy)"),
+        ("--temperature", args.temperature, args.samples == 0 or args.temperature > 0,
+         "> 0 when sampling (for greedy decoding use --samples 0)"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"),
+        ("--seed", args.seed, args.seed >= 0, "an integer ≥ 0"),
+        ("--split-seed", args.split_seed, args.split_seed is None or args.split_seed >= 0,
+         "an integer ≥ 0"),
+        ("--decimals", args.decimals, args.decimals is None or args.decimals >= 0,
+         "an integer ≥ 0"),
+        ("--context-fraction", args.context_fraction,
+         args.context_fraction is None or 0 < args.context_fraction < 1, "in (0, 1)"),
+        ("--flops-budget", args.flops_budget, args.flops_budget > 0, "> 0"),
+        ("--plot-series", args.plot_series, args.plot_series >= 0, "an integer ≥ 0"),
+    ]
+    for flag, value, ok, expected in rules:
+        if not ok:
+            return f"{flag} must be {expected}, got {value}"
+    if args.baseline is not None:
+        if args.baseline not in baselines.NAMES:
+            return (f"--baseline {args.baseline!r} is not a baseline; choose one of "
+                    f"{', '.join(baselines.NAMES)}")
+        if args.adapter or args.samples or args.unconstrained:
+            return ("--baseline runs no language model: leave out --adapter, --samples and "
+                    "--unconstrained")
+    return None
+
+
+def encoding_from_adapter(args: argparse.Namespace, metadata: dict, where: str) -> str | None:
+    """Take split seed, decimals and context fraction from the adapter's metadata (where it has
+    them); a flag that contradicts it is an error, returned as a one-line message."""
+    train_config = metadata.get("train_config", {})
+    fixed = {"split_seed": train_config.get("split_seed"),
+             "decimals": metadata["scaler"]["decimals"],
+             "context_fraction": train_config.get("context_fraction")}
+    for key, value in fixed.items():
+        given = getattr(args, key)
+        if value is None:
+            continue
+        if given is not None and given != value:
+            flag = "--" + key.replace("_", "-")
+            return (f"{flag} {given} contradicts {where}: the adapter was trained with {key} = "
+                    f"{value}; leave the flag out (the adapter's value is used)")
+        setattr(args, key, value)
+    return None
+
+
+def fill_encoding_defaults(args: argparse.Namespace) -> None:
+    for key, value in ENCODING_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def left_pad(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(t) for t in token_lists)
     ids = torch.full((len(token_lists), T), data.PAD_ID, dtype=torch.long)
@@ -94,6 +196,16 @@ def left_pad(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, t in enumerate(token_lists):
         ids[i, T - len(t):], mask[i, T - len(t):] = torch.tensor(t), 1
     return ids, mask
+
+
+@torch.no_grad()
+def prompt_last_logits(model, cache, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits of each prompt's last position, which predict the first target token.
+
+    Sampled generation keeps no logits (B·N rows × steps × V would not fit), so the cache is
+    rewound by one position and the prompt's last token runs again: one token per series."""
+    cache.rewind(ids.shape[1] - 1)
+    return model(ids[:, -1:], mask, cache, last_only=True)[:, -1]  # (B, V)
 
 
 @torch.no_grad()
@@ -110,7 +222,7 @@ def teacher_forced_ce(model, cache, prompt_mask, targets, first_logits) -> list[
     mask = torch.zeros_like(ids)
     for i, t in enumerate(targets):  # right-padded: the targets follow the prompt directly
         ids[i, : len(t)], mask[i, : len(t)] = torch.tensor(t), 1
-    cache.length = T
+    cache.rewind(T)
     h = model.hidden_states(ids[:, :-1], torch.cat([prompt_mask, mask[:, :-1]], 1), cache)
     out = []
     for i, t in enumerate(targets):
@@ -118,22 +230,6 @@ def teacher_forced_ce(model, cache, prompt_mask, targets, first_logits) -> list[
         logits = torch.cat([first_logits[i : i + 1], model.lm_head(h[i, : len(t) - 1]).float()])
         out.append(cross_entropy(logits, ids[i, : len(t)]).item())  # (len(t), V) vs (len(t),)
     return out
-
-
-def planned_flops(model, prompts, targets, new_tokens: int, batch_size: int) -> int:
-    """An upper bound for the budget check: per batch, generation at the longest prompt plus a
-    teacher-forced pass with the LM head on every position (the real pass heads only targets)."""
-    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    kw = {"lora_rank": lora[0].rank if lora else 0,
-          "lora_targets": sorted({m.flop_name for m in lora})}
-    total = 0
-    for b in range(0, len(prompts), batch_size):
-        n = len(prompts[b : b + batch_size])
-        longest = max(len(p) + len(t) for p, t in zip(prompts[b : b + batch_size],
-                                                       targets[b : b + batch_size]))
-        total += flops.generation_flops(model.cfg, n, longest, new_tokens, **kw)
-        total += flops.teacher_forced_flops(model.cfg, n, longest, **kw)
-    return total
 
 
 def generation_ce(step_logits: torch.Tensor, target: list[int]) -> float:
@@ -144,9 +240,170 @@ def generation_ce(step_logits: torch.Tensor, target: list[int]) -> float:
     return cross_entropy(step_logits[:n], target_ids).item()
 
 
+def lora_settings(model) -> dict:
+    lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    return {"lora_rank": lora[0].rank if lora else 0,
+            "lora_targets": sorted({m.flop_name for m in lora})}
+
+
+def auto_batch_size(model, device: torch.device, rows_per_series: int, positions: int,
+                    new_tokens: int, keep_logits: bool) -> int:
+    """Series per batch: on CUDA as many as fit in 70% of the free memory, counting per series
+    its KV cache (fp32, prompt + generated positions, for each sampled row) and the kept fp32
+    logits (every generated step); 1 GiB is set aside for the activations. On CPU 16: larger
+    batches only add cache misses there."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    cfg = model.cfg
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * positions * 4
+    logits = new_tokens * cfg.vocab_size * 4 if keep_logits else 0
+    per_series = rows_per_series * (kv + logits)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int((0.7 * free - 2**30) // per_series))
+
+
+def batch_flops(model, prompts, targets, new_tokens: int, samples: int, top_p: float) -> int:
+    """Closed-form FLOPs of one batch (flops.evaluation_flops), at the padded prompt length."""
+    return flops.evaluation_flops(model.cfg, len(prompts), max(len(p) for p in prompts),
+                                  new_tokens, [len(t) for t in targets], samples=samples,
+                                  top_p=top_p, **lora_settings(model))
+
+
+def text_of(tokenizer, row: list[int]) -> str:
+    """A generated row as text; the end-of-sequence filler of finished rows is dropped."""
+    return tokenizer.decode([t for t in row if t != data.PAD_ID])
+
+
+def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device, dtype, out):
+    """Every series through the model, batch by batch, each batch's FLOPs on the ledger.
+    → (values (N, S, steps, 2) original units, NaN where a step failed, texts, teacher-forced
+    CE per series, generation CE per series or None when sampling, counted FLOPs)."""
+    S = max(args.samples, 1)
+    grammar = LLMTimeGrammar.from_tokenizer(tokenizer, scaler.decimals)
+    new_tokens = grammar.max_new_tokens(args.forecast_steps)  # the longest n_steps can take
+    size = args.batch_size
+    if size == "auto":
+        positions = max(map(len, prompts)) + max(new_tokens, max(map(len, targets)))
+        size = auto_batch_size(model, device, S, positions, new_tokens, not args.samples)
+    batches = [slice(b, min(b + size, len(prompts))) for b in range(0, len(prompts), size)]
+    planned = sum(batch_flops(model, prompts[sl], targets[sl], new_tokens, args.samples,
+                              args.top_p) for sl in batches)
+    flops.check_budget(args.ledger, planned, args.flops_budget, args.force)
+    values = np.full((len(prompts), S, args.forecast_steps, 2), np.nan)
+    texts, tf_ce, gen_ce, total = [], [], [], 0
+    for sl in tqdm(batches, desc=f"eval {args.split}", unit="batch", dynamic_ncols=True):
+        ids, mask = (x.to(device) for x in left_pad(prompts[sl]))
+        B, T = ids.shape
+        room = T + max(new_tokens, max(len(t) for t in targets[sl]))
+        cache = KVCache(model.cfg, B, room, cache_dtype(model, device), device)
+        with count_flops() as counter, autocast(device, dtype):
+            tokens, step_logits = generate(
+                model, ids, new_tokens, mask, eos_token_id=data.PAD_ID, cache=cache,
+                grammar=None if args.unconstrained else grammar, n_steps=args.forecast_steps,
+                samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                seeds=torch.arange(sl.start, sl.stop, dtype=torch.int64) + args.seed,
+                return_logits=not args.samples)
+            first = (prompt_last_logits(model, cache, ids, mask) if args.samples
+                     else step_logits[:, 0])
+            tf_ce += teacher_forced_ce(model, cache, mask, targets[sl], first)
+            if not args.samples:
+                gen_ce += [generation_ce(step_logits[j], t) for j, t in enumerate(targets[sl])]
+        for r, row in enumerate(tokens.tolist()):  # rows are series-major: b·S + s
+            text = text_of(tokenizer, row)
+            values[sl.start + r // S, r % S] = scaler.decode(text, n_steps=args.forecast_steps)[0]
+            texts.append(text)
+        total += counter.total
+        flops.append_ledger(args.ledger, {
+            "kind": "eval", "name": str(out), "flops": counter.total, "split": args.split,
+            "series": [sl.start, sl.stop], "prompt_len": T, "new_tokens": tokens.shape[1],
+            "target_lens": [len(t) for t in targets[sl]], "samples": args.samples,
+            "top_p": args.top_p})
+    series_texts = [" | ".join(texts[i * S : (i + 1) * S]) for i in range(len(prompts))]
+    return values, series_texts, tf_ce, gen_ce or None, total
+
+
+def forecast_with_baseline(args, series, time, context_steps: int, out):
+    """values (N, 1, steps, 2) from a baseline (non-finite → failed step), the series mean of
+    each per-series diagnostic in its info (lv-fit's residual, …), 0 FLOPs."""
+    res = baselines.forecast(args.baseline, series[:, :context_steps], args.forecast_steps,
+                             time=time[: context_steps + args.forecast_steps])
+    values = np.where(np.isfinite(res.forecasts), res.forecasts, np.nan)[:, None]
+    flops.append_ledger(args.ledger, {"kind": "baseline", "name": str(out), "flops": 0,
+                                      "baseline": args.baseline, "split": args.split,
+                                      "series": [0, len(series)]})
+    info = {k: float(np.mean(v)) for k, v in res.info.items() if np.shape(v) == (len(series),)}
+    return values, info
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def quiet_nan(fn, *a, **kw):
+    """numpy's nan-reductions, without the warning for a slice with no parsed value (→ NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return fn(*a, **kw)
+
+
+def point_forecast(values: np.ndarray) -> np.ndarray:
+    """(N, S, steps, 2) → (N, steps, 2): the per-step median over the samples that parsed."""
+    return quiet_nan(np.nanmedian, values, axis=1)
+
+
+def crps(values: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Sample CRPS, mean|X − y| − ½·mean|X − X'|, over the samples that parsed.
+    values (N, S, ...), truth (N, ...) → (N, ...); NaN where no sample parsed."""
+    ok = np.isfinite(values)
+    n = ok.sum(1)
+    x = np.where(ok, values, 0.0)
+    error = (np.abs(x - truth[:, None]) * ok).sum(1)
+    pairs = np.abs(x[:, :, None] - x[:, None, :]) * (ok[:, :, None] & ok[:, None, :])  # (N,S,S,…)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return error / n - 0.5 * pairs.sum((1, 2)) / n**2
+
+
+def coverage(values: np.ndarray, truth: np.ndarray, level: float) -> float | None:
+    """Share of (series, step, variable) cells whose truth lies in the samples' central
+    `level` interval; cells where no sample parsed are left out. None for point forecasts."""
+    if values.shape[1] < 2:  # a point forecast has no interval
+        return None
+    lo, hi = quiet_nan(np.nanquantile, values, [(1 - level) / 2, (1 + level) / 2], axis=1)
+    known = np.isfinite(lo)
+    if not known.any():
+        return None
+    return float(np.mean((truth[known] >= lo[known]) & (truth[known] <= hi[known])))
+
+
 def mean_or_none(x: np.ndarray) -> float | None:
     """Mean over the parsed (finite) entries; None (JSON null) when nothing parsed."""
     return float(np.nanmean(x)) if np.isfinite(x).any() else None
+
+
+def score(values: np.ndarray, truths: np.ndarray, last_context: np.ndarray,
+          alpha: float) -> dict:
+    """The metrics of forecasts `values` (N, S, steps, 2) against `truths` (N, steps, 2), all
+    in original units; last_context (N, 2) is the persistence forecast that fills failed steps."""
+    point = point_forecast(values)
+    err = (point - truths) / alpha  # (N, steps, 2) in LLMTIME units
+    filled = np.where(np.isnan(point), last_context[:, None], point)
+    sq, ab = err**2, np.abs(err)
+    steps = truths.shape[1]
+    samples_scaled = values / alpha
+    return {
+        "mse_scaled": mean_or_none(sq),
+        "mae_scaled": mean_or_none(ab),
+        "mse": mean_or_none(sq * alpha**2),
+        "mae": mean_or_none(ab * alpha),
+        "mse_scaled_filled": float(np.mean(((filled - truths) / alpha) ** 2)),
+        "crps_scaled": mean_or_none(crps(samples_scaled, truths / alpha)),
+        **{f"coverage_{round(100 * c)}": coverage(values, truths, c) for c in INTERVALS},
+        "parse_failure_rate": float(np.isnan(values[..., 0]).mean()),
+        "mse_scaled_by_horizon": [mean_or_none(sq[:, h]) for h in range(steps)],
+        "mae_scaled_by_horizon": [mean_or_none(ab[:, h]) for h in range(steps)],
+    }
+
+
+# ----------------------------------------------------------------------------- output
 
 
 def plot(out: Path, name: str, fig) -> None:
@@ -156,17 +413,22 @@ def plot(out: Path, name: str, fig) -> None:
     atomic_write_bytes(out / name, buf.getvalue())
 
 
-def plot_trajectories(out, series, time, context_steps, forecasts, rows, title):
+def plot_trajectories(out, series, time, context_steps, values, rows, title):
+    """Context, truth and the point forecast; with samples, their 10–90% band shaded."""
     import matplotlib.pyplot as plt
 
+    point = point_forecast(values)
+    band = quiet_nan(np.nanquantile, values, [0.1, 0.9], axis=1) if values.shape[1] > 1 else None
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.6 * len(rows)), squeeze=False)
     for ax_row, i in zip(axes, rows):
         for v, (ax, name) in enumerate(zip(ax_row, ("prey", "predator"))):
-            n = forecasts.shape[1]
+            horizon = time[context_steps : context_steps + point.shape[1]]
             ax.plot(time[:context_steps], series[i, :context_steps, v], "k-", lw=1, label="context")
             ax.plot(time[context_steps:], series[i, context_steps:, v], "k:", lw=1, label="truth")
-            ax.plot(time[context_steps : context_steps + n], forecasts[i, :, v], "r.-",
-                    label="forecast")
+            if band is not None:
+                ax.fill_between(horizon, band[0, i, :, v], band[1, i, :, v], color="r",
+                                alpha=0.2, label="10–90% of samples")
+            ax.plot(horizon, point[i, :, v], "r.-", label="forecast")
             ax.set_title(f"series {i}: {name}", fontsize=9)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -187,6 +449,10 @@ def plot_horizon(out, curves: dict[str, list[float]], ylabel: str, name: str):
     plt.close(fig)
 
 
+COMPARE_KEYS = ("n_series", "decoding", "mse_scaled", "mse_scaled_filled", "crps_scaled",
+                "mae_scaled", "parse_failure_rate", "teacher_forced_ce", "generation_ce")
+
+
 def compare(dirs: list[str], out: Path) -> int:
     """Side-by-side figure and table of finished evaluations."""
     runs = {}
@@ -199,14 +465,47 @@ def compare(dirs: list[str], out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plot_horizon(out, {d: m["mse_scaled_by_horizon"] for d, m in runs.items()},
                  "MSE (scaled units)", "compare_horizon.png")
-    keys = ["n_series", "mse_scaled", "mae_scaled", "mse", "mae", "teacher_forced_ce",
-            "generation_ce", "parse_failure_rate"]
-    lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    fmt = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
-    lines += [f"| {d} | " + " | ".join(fmt(m[k]) for k in keys) + " |" for d, m in runs.items()]
+
+    def fmt(v) -> str:
+        return "—" if v is None else v if isinstance(v, str) else f"{v:.4g}"
+
+    lines = ["| run | " + " | ".join(COMPARE_KEYS) + " |", "|---" * (len(COMPARE_KEYS) + 1) + "|"]
+    lines += [f"| {d} | " + " | ".join(fmt(m.get(k)) for k in COMPARE_KEYS) + " |"
+              for d, m in runs.items()]
     atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def write_outputs(out: Path, metrics: dict, indices, values, truths, texts, tf_ce, gen_ce):
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    point = point_forecast(values)
+    err = (point - truths) / metrics["alpha"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["series", "mse_scaled", "mae_scaled", "teacher_forced_ce", "generation_ce",
+                "failed_steps", "forecast_text"])
+    for k, i in enumerate(indices):
+        w.writerow([int(i), mean_or_none(err[k] ** 2), mean_or_none(np.abs(err[k])),
+                    tf_ce[k] if tf_ce else None, gen_ce[k] if gen_ce else None,
+                    int(np.isnan(values[k, :, :, 0]).sum()), texts[k] if texts else None])
+    atomic_write_text(out / "per_series.csv", buf.getvalue())
+    npz = io.BytesIO()
+    np.savez(npz, indices=indices, forecasts=point, samples=values, truths=truths)
+    atomic_write_bytes(out / "forecasts.npz", npz.getvalue())
+
+
+def decoding(args: argparse.Namespace) -> str:
+    """How the forecasts were made, as metrics.json and --compare show it."""
+    if args.baseline:
+        return "baseline"
+    how = "unconstrained" if args.unconstrained else "grammar-constrained"
+    return f"{how}, {args.samples} samples" if args.samples else f"{how}, greedy"
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv=None) -> int:
@@ -217,119 +516,92 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if args.compare:
         return compare(args.compare, out)
+    if problem := check_args(args):
+        return fail(problem)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
+    model = tokenizer = metadata = None
     try:
-        # under bf16 autocast the frozen base is kept in bf16 (half the memory, no per-call
-        # casts); LoRA tensors and Adam state stay fp32 (bench/results.md)
-        model = load_model(args.model, dtype=dtype, device=device)
-        tokenizer = load_tokenizer(args.model)
         trajectories, time = data.load_trajectories(args.data)
-    except (CheckpointError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    split = data.split_indices(len(trajectories), seed=args.split_seed)
-    if args.adapter:
-        try:
+        if args.baseline is None:
+            # under bf16 autocast the frozen base is kept in bf16 (half the memory, no per-call
+            # casts); LoRA tensors stay fp32 (bench/results.md)
+            model = load_model(args.model, dtype=dtype, device=device)
+            tokenizer = load_tokenizer(args.model)
+        if args.adapter:
             metadata = load_adapter(model, args.adapter)
-        except AdapterError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    except (CheckpointError, data.DataError, AdapterError) as e:
+        return fail(str(e))
+    if metadata is not None:
         if "scaler" not in metadata:
-            print(f"error: {args.adapter}/qwen_min.json has no 'scaler' (α, decimals); was the "
-                  "adapter written by train.py?", file=sys.stderr)
-            return 2
+            return fail(f"{args.adapter}/qwen_min.json has no 'scaler' (α, decimals); was the "
+                        "adapter written by train.py?")
+        if problem := encoding_from_adapter(args, metadata, f"{args.adapter}/qwen_min.json"):
+            return fail(problem)
         scaler = data.LLMTimeScaler.from_dict(metadata["scaler"])
-    else:  # the untrained model: α fitted on the training split, exactly as training does
+    fill_encoding_defaults(args)
+    split = data.split_indices(len(trajectories), seed=args.split_seed)
+    if metadata is None:  # no adapter: α fitted on the training split, exactly as training does
         scaler = data.LLMTimeScaler.fit(trajectories[split["train"]], decimals=args.decimals)
-    model.to(device).eval()
     indices = split[args.split][: args.limit]
     series = trajectories[indices]
     context_steps = int(round(args.context_fraction * series.shape[1]))
     if context_steps + args.forecast_steps > series.shape[1]:
-        print(f"error: --forecast-steps {args.forecast_steps} runs past the series "
-              f"({series.shape[1]} steps, {context_steps} of them context)", file=sys.stderr)
-        return 2
+        return fail(f"--forecast-steps {args.forecast_steps} runs past the series "
+                    f"({series.shape[1]} steps, {context_steps} of them context)")
+    truths = series[:, context_steps : context_steps + args.forecast_steps]
 
-    prompts, targets, truths = [], [], []
-    for s in series:
-        prompt, target, truth = data.forecast_split(
-            s, scaler, args.context_fraction, args.forecast_steps)
-        prompts.append(data.tokenize(tokenizer, prompt))
-        targets.append(data.tokenize(tokenizer, target))
-        truths.append(truth)
-    # a step is 2 numbers of (integer digits + '.' + decimals) plus ',' and ';'
-    new_tokens = args.forecast_steps * (2 * (args.decimals + 2) + 2)
-    try:
-        flops.check_budget(args.ledger, planned_flops(model, prompts, targets, new_tokens,
-                                                      args.batch_size), args.flops_budget,
-                           args.force)
-    except flops.BudgetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    forecasts = np.full((len(series), args.forecast_steps, 2), np.nan)
-    texts, tf_ce, gen_ce, failures = [], [], [], []
-    with count_flops() as counter:
-        for b in tqdm(range(0, len(series), args.batch_size), desc=f"eval {args.split}",
-                      unit="batch", dynamic_ncols=True):
-            sl = slice(b, b + args.batch_size)
-            ids, mask = left_pad(prompts[sl])
-            ids, mask = ids.to(device), mask.to(device)
-            room = ids.shape[1] + max(new_tokens, max(len(t) for t in targets[sl]))
-            cache = KVCache(model.cfg, len(ids), room, cache_dtype(model, device), device)
-            with autocast(device, dtype):
-                tokens, step_logits = generate(model, ids, new_tokens, mask, cache=cache)
-                tf_ce += teacher_forced_ce(model, cache, mask, targets[sl], step_logits[:, 0])
-            for j, row in enumerate(tokens.tolist()):
-                text = tokenizer.decode(row)
-                values, bad = scaler.decode(text, n_steps=args.forecast_steps)  # NaN rows: invalid
-                forecasts[b + j], texts[len(texts):] = values, [text]
-                failures.append(bad)
-                gen_ce.append(generation_ce(step_logits[j], targets[b + j]))
-    truths = np.stack(truths)
-    err_scaled = (forecasts - truths) / scaler.alpha  # (N, steps, 2)
-    sq, ab = err_scaled**2, np.abs(err_scaled)
+    texts = tf_ce = gen_ce = info = None
+    if args.baseline:
+        values, info = forecast_with_baseline(args, series, time, context_steps, out)
+        counted = 0
+    else:
+        model.to(device).eval()
+        prompts, targets = [], []
+        for s in series:
+            prompt, target, _ = data.forecast_split(
+                s, scaler, args.context_fraction, args.forecast_steps)
+            prompts.append(data.tokenize(tokenizer, prompt))
+            targets.append(data.tokenize(tokenizer, target))
+        try:
+            values, texts, tf_ce, gen_ce, counted = forecast_with_model(
+                args, model, tokenizer, scaler, prompts, targets, device, dtype, out)
+        except flops.BudgetError as e:
+            return fail(str(e), code=3)
+
     metrics = {
         "n_series": len(series),
         "split": args.split,
-        "model": args.model,
+        "split_seed": args.split_seed,
+        "model": None if args.baseline else args.model,
         "adapter": args.adapter,
+        "baseline": args.baseline,
+        "baseline_info": info,
+        "decoding": decoding(args),
+        "samples": args.samples,
+        "temperature": args.temperature if args.samples else None,
+        "top_p": args.top_p if args.samples else None,
+        "seed": args.seed if args.samples else None,
         "forecast_steps": args.forecast_steps,
         "context_steps": context_steps,
         "alpha": scaler.alpha,
         "decimals": scaler.decimals,
-        "mse_scaled": mean_or_none(sq),
-        "mae_scaled": mean_or_none(ab),
-        "mse": mean_or_none(sq * scaler.alpha**2),
-        "mae": mean_or_none(ab * scaler.alpha),
-        "mse_scaled_by_horizon": [mean_or_none(sq[:, h]) for h in range(args.forecast_steps)],
-        "mae_scaled_by_horizon": [mean_or_none(ab[:, h]) for h in range(args.forecast_steps)],
-        "teacher_forced_ce": float(np.mean(tf_ce)),
-        "generation_ce": float(np.mean(gen_ce)),
-        "parse_failure_rate": float(np.sum(failures)) / (len(series) * args.forecast_steps),
-        "flops": counter.total,
+        **score(values, truths, series[:, context_steps - 1], scaler.alpha),
+        "teacher_forced_ce": float(np.mean(tf_ce)) if tf_ce else None,
+        "generation_ce": float(np.mean(gen_ce)) if gen_ce else None,
+        "flops": counted,
+        "provenance": provenance(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["series", "mse_scaled", "mae_scaled", "teacher_forced_ce", "generation_ce",
-                "failed_steps", "forecast_text"])
-    for k, i in enumerate(indices):
-        w.writerow([int(i), mean_or_none(sq[k]), mean_or_none(ab[k]), tf_ce[k], gen_ce[k],
-                    failures[k], texts[k]])
-    atomic_write_text(out / "per_series.csv", buf.getvalue())
-    npz = io.BytesIO()
-    np.savez(npz, indices=indices, forecasts=forecasts, truths=truths)
-    atomic_write_bytes(out / "forecasts.npz", npz.getvalue())
-    title = f"{args.model}" + (f" + {args.adapter}" if args.adapter else " (no adapter)")
+    write_outputs(out, metrics, indices, values, truths, texts, tf_ce, gen_ce)
+    title = (f"baseline: {args.baseline}" if args.baseline else
+             f"{args.model}" + (f" + {args.adapter}" if args.adapter else " (no adapter)"))
     rows = list(range(min(args.plot_series, len(series))))
-    plot_trajectories(out, series, time, context_steps, forecasts, rows, title)
+    if rows:
+        plot_trajectories(out, series, time, context_steps, values, rows, title)
     plot_horizon(out, {"MSE": metrics["mse_scaled_by_horizon"],
                        "MAE": metrics["mae_scaled_by_horizon"]}, "error (scaled units)",
                  "horizon.png")
-    flops.append_ledger(args.ledger, {"kind": "eval", "name": str(out), "flops": counter.total,
-                                      "n_series": len(series), "split": args.split})
     print(json.dumps({k: v for k, v in metrics.items() if not k.endswith("horizon")}, indent=2))
     return 0
 

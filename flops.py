@@ -277,13 +277,58 @@ class Run:
     evaluations: int = 1
 
 
+def evaluation_flops(
+    cfg: Qwen2Config,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    target_lens: list[int],
+    lora_rank: int = 0,
+    lora_targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+    gqa: str = "real",
+    samples: int = 0,
+    top_p: float = 1.0,
+) -> int:
+    """One batch of evaluate.py: `batch` prompts left-padded to prompt_len, new_tokens generated
+    (`samples` continuations each at `top_p`, 0 = greedy), then the true targets (target_lens
+    tokens each) teacher-forced through the rewound KV cache, and the cross-entropies."""
+    lora = dict(lora_rank=lora_rank, lora_targets=lora_targets, gqa=gqa)
+    d, V = cfg.hidden_size, cfg.vocab_size
+
+    def cross_entropy(rows: int) -> int:  # qwen_min.model.add_loss_flops: 11V + 10 a row, + mean
+        return rows * (11 * V + 10) + rows
+
+    # greedy calls the signature generation_flops has always had; samples= prices sampling
+    sampling = {"samples": samples, "top_p": top_p} if samples else {}
+    total = generation_flops(cfg, batch, prompt_len, new_tokens, **lora, **sampling)
+    if samples:  # no logits kept: the prompt's last token runs again for its logits
+        total += sum(forward_flops(cfg, batch, 1, past=prompt_len - 1, last_only=True,
+                                   **lora).values())
+    longest = max(target_lens)
+    if longest > 1:  # hidden states of all but the last target token, after the prompt
+        tf = forward_flops(cfg, batch, longest - 1, past=prompt_len, **lora)
+        total += sum(tf.values()) - tf["lm_head"]
+    for n in target_lens:
+        total += matmul(n - 1, d, V)  # the head on this series' own n − 1 positions
+        total += cross_entropy(n)  # teacher-forced CE over its n target tokens
+        if not samples:
+            total += cross_entropy(min(n, new_tokens))  # generation CE (greedy logits)
+    return total
+
+
 @dataclass(frozen=True)
 class Evaluation:
-    """One evaluation: every series generated with the KV cache (batching does not change it)."""
+    """One evaluation: every series generated with the KV cache (batching does not change it).
+    LLMTIME at 2 decimals: 70 context steps of 10 tokens (the last ';' included), 10 forecast
+    steps of 10 tokens when every value is < 10 (each step ends in ';'), targets without the
+    final ';'."""
 
     series: int = 150
     prompt_len: int = 700
     new_tokens: int = 100
+    target_len: int = 99
+    samples: int = 0
+    top_p: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -344,8 +389,9 @@ def plan_flops(
             else 0
         )
         if run.rank not in per_eval:
-            per_eval[run.rank] = ev.series * generation_flops(
-                cfg, 1, ev.prompt_len, ev.new_tokens, run.rank, lora_targets, gqa
+            per_eval[run.rank] = ev.series * evaluation_flops(
+                cfg, 1, ev.prompt_len, ev.new_tokens, [ev.target_len], run.rank, lora_targets,
+                gqa, ev.samples, ev.top_p
             )
         evaluation = run.evaluations * per_eval[run.rank]
         runs.append(asdict(run) | {"train_flops": train, "eval_flops": evaluation})

@@ -1,0 +1,316 @@
+"""evaluate.py: metrics as hand-computed numbers (generate stubbed), CRPS and coverage, adapter
+metadata rules, baselines, bad flags, and the FLOP ledger against flops.evaluation_flops."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate
+import flops
+from lora import apply_lora, save_adapter
+from qwen_min import generate, load_model, load_tokenizer
+from tools.checkpoints import write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny checkpoint and 20 identical series whose numbers are easy by hand.
+
+    prey = 2t (0, 2, …, 18), predator = 19.98 at every step t = 0…9, so α = 19.98 / 9.99 = 2:
+    scaled, prey is t and predator 9.99. Context: the first 7 steps; 3 forecast steps, whose
+    truth is prey 14, 16, 18 (scaled 7, 8, 9) and predator 19.98. Persistence: (12, 19.98)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    ckpt = write_tiny_checkpoint(root / "tiny")
+    t = np.arange(10.0)
+    one = np.stack([2 * t, np.full(10, 19.98)], axis=1)  # (10 steps, 2)
+    h5 = data.write_h5(root / "lv.h5", np.repeat(one[None], 20, axis=0), t)
+    return ckpt, h5, load_tokenizer(ckpt)
+
+
+def base_args(setup, tmp_path, *extra):
+    ckpt, h5, _ = setup
+    return ["--model", str(ckpt), "--data", str(h5), "--out", str(tmp_path / "eval"),
+            "--forecast-steps", "3", "--ledger", str(tmp_path / "ledger.jsonl"),
+            "--dtype", "fp32", "--device", "cpu", "--limit", "2", *extra]
+
+
+def stub_generate(tokenizer, texts: list[str], boost: dict[int, list[int]] | None = None):
+    """A stand-in for qwen_min.generate with its API: row r writes texts[r] (then padding);
+    logits are 0, except that for rows in `boost` the listed token at each step gets
+    ln(V − 1), so that token's probability is exactly ½. Records each call's arguments."""
+    calls = []
+
+    def generate(model, ids, max_new_tokens, mask, eos_token_id=None, cache=None,
+                 prefill_rows=4, *, grammar=None, n_steps=None, samples=0, temperature=1.0,
+                 top_p=1.0, seeds=None, return_logits=True):
+        start = sum(len(c["seeds"]) * max(c["samples"], 1) for c in calls)
+        calls.append(dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                          grammar=grammar, n_steps=n_steps, samples=samples,
+                          temperature=temperature, top_p=top_p, seeds=seeds.tolist(),
+                          return_logits=return_logits))
+        mine = texts[start : start + len(ids) * max(samples, 1)]
+        rows = [data.tokenize(tokenizer, t) for t in mine]
+        n = max(map(len, rows))
+        tokens = torch.full((len(rows), n), data.PAD_ID)
+        for r, row in enumerate(rows):
+            tokens[r, : len(row)] = torch.tensor(row)
+        if not return_logits:
+            return tokens, None
+        V = model.cfg.vocab_size
+        logits = torch.zeros(len(rows), n, V)
+        for r, wanted in (boost or {}).items():
+            logits[r, torch.arange(len(wanted)), wanted] = math.log(V - 1)
+        return tokens, logits
+
+    generate.calls = calls
+    return generate
+
+
+GREEDY_TEXTS = ["7.50,9.99;8.00,9.49;9.00,9.99;",  # errors: prey +1 at step 0, predator −1 at 1
+                "7.00,9.99;8.00;9.50,9.99;"]  # step 1 does not parse; prey +1 at step 2
+TARGET = "7.00,9.99;8.00,9.99;9.00,9.99"
+# the HDF5 file holds float32: 19.98 is stored as 19.9799995…, so α = 1.99999995…; measured
+# relative differences from the exact hand values: at most 5e-7
+REL = 2e-6
+
+
+def test_metrics_as_numbers(setup, tmp_path, monkeypatch):
+    """Known forecasts and truth: every metric against its hand-computed value.
+
+    Scaled errors (/α = /2): series 0 has 0.5 at (step 0, prey) and (step 1, predator); series
+    1 has 0.5 at (step 2, prey) and step 1 unparsed. Over the 10 parsed values: MSE 4·0.25/…
+    = 0.75/10, MAE 1.5/10; in original units ×4 and ×2. Filled: series 1's step 1 becomes
+    persistence (12, 19.98) against (16, 19.98): scaled error 2, so (0.75 + 4) / 12.
+    generation_ce: series 0's logits give the true token probability ½ at each of the 29
+    target positions (ln 2); series 1's are uniform (ln V)."""
+    ckpt, h5, tokenizer = setup
+    V = 151936
+    stub = stub_generate(tokenizer, GREEDY_TEXTS, boost={0: data.tokenize(tokenizer, TARGET)})
+    monkeypatch.setattr(evaluate, "generate", stub)
+    assert evaluate.main(base_args(setup, tmp_path)) == 0
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["n_series"] == 2 and m["alpha"] == pytest.approx(2.0, rel=REL)
+    assert m["mse_scaled"] == pytest.approx(0.075, rel=REL)
+    assert m["mae_scaled"] == pytest.approx(0.15, rel=REL)
+    assert m["mse"] == pytest.approx(0.3, rel=REL)
+    assert m["mae"] == pytest.approx(0.3, rel=REL)
+    assert m["mse_scaled_by_horizon"] == pytest.approx([0.0625, 0.125, 0.0625], rel=REL)
+    assert m["mae_scaled_by_horizon"] == pytest.approx([0.125, 0.25, 0.125], rel=REL)
+    assert m["mse_scaled_filled"] == pytest.approx(4.75 / 12, rel=REL)
+    assert m["crps_scaled"] == pytest.approx(0.15, rel=REL)  # one sample: the MAE
+    assert m["parse_failure_rate"] == pytest.approx(1 / 6, rel=REL)
+    # fp32 log-softmax over 151,936 logits: measured |difference| 3.9e-5
+    assert m["generation_ce"] == pytest.approx((math.log(2) + math.log(V)) / 2, abs=1e-4)
+    assert m["decoding"] == "grammar-constrained, greedy" and m["coverage_90"] is None
+    # 3 steps of two 1–3-digit numbers with 2 decimals: 3·(2·(3 + 1 + 2) + 2) tokens at most
+    (call,) = stub.calls
+    assert call["max_new_tokens"] == 42 and call["n_steps"] == 3 and call["grammar"] is not None
+    assert call["eos_token_id"] == data.PAD_ID and call["return_logits"] is True
+
+
+def test_unconstrained_is_recorded(setup, tmp_path, monkeypatch):
+    stub = stub_generate(setup[2], GREEDY_TEXTS)
+    monkeypatch.setattr(evaluate, "generate", stub)
+    assert evaluate.main(base_args(setup, tmp_path, "--unconstrained")) == 0
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["decoding"] == "unconstrained, greedy"
+    assert stub.calls[0]["grammar"] is None and stub.calls[0]["max_new_tokens"] == 42
+
+
+def test_sampled_forecasts(setup, tmp_path, monkeypatch):
+    """3 samples per series: the point forecast is the per-step median, CRPS and coverage come
+    from the samples, every sample is kept, and each series has its own seed."""
+    samples = ["7.00,9.99;8.00,9.99;9.00,9.99;",  # series 0: the truth,
+               "8.00,9.99;8.00,9.99;9.00,9.99;",  # prey +2 (scaled +1) at step 0,
+               "10.00,9.99;8.00,9.99;9.00,9.99;",  # prey +6 (scaled +3) at step 0
+               *["7.00,9.99;8.00,9.99;9.00,9.99;"] * 2,  # series 1: 2 exact,
+               "7.00;8.00;9.00;"]  # and 1 that fails every step
+    stub = stub_generate(setup[2], samples)
+    monkeypatch.setattr(evaluate, "generate", stub)
+    # the budget check prices sampling with flops.generation_flops(samples=) (tests/test_flops)
+    monkeypatch.setattr(evaluate, "batch_flops", lambda *a, **kw: 0)
+    args = base_args(setup, tmp_path, "--samples", "3", "--temperature", "0.7", "--top-p",
+                     "0.9", "--seed", "5")
+    assert evaluate.main(args) == 0
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    # median of series 0, step 0 prey: 8 (scaled error 1; the mean would be 8.33); all else
+    # exact, over 12 cells
+    assert m["mse_scaled"] == pytest.approx(1 / 12, rel=REL)
+    assert m["mse_scaled_filled"] == pytest.approx(1 / 12, rel=REL)
+    # the one inexact cell: scaled errors 0, 1, 3 → mean|X−y| = 4/3,
+    # mean|X−X'| = 2·(1 + 3 + 2)/9 = 4/3, so CRPS = 4/3 − 2/3 = 2/3; the other 11 are 0
+    assert m["crps_scaled"] == pytest.approx(2 / 3 / 12, rel=REL)
+    assert m["parse_failure_rate"] == pytest.approx(3 / 18)  # 1 sample × 3 steps of 6 × 3
+    assert m["generation_ce"] is None and m["teacher_forced_ce"] > 0
+    assert m["decoding"] == "grammar-constrained, 3 samples"
+    (call,) = stub.calls
+    assert call["seeds"] == [5, 6] and call["samples"] == 3 and call["return_logits"] is False
+    assert (call["temperature"], call["top_p"]) == (0.7, 0.9)
+    saved = np.load(tmp_path / "eval" / "forecasts.npz")
+    assert saved["samples"].shape == (2, 3, 3, 2)
+    assert saved["forecasts"][0, 0, 0] == pytest.approx(16.0, rel=REL)  # the median: 8.00·α
+
+
+def test_crps_known_cases():
+    y = np.array([[1.0]])  # (N=1, cells=1)
+    assert evaluate.crps(np.array([[[3.0]]]), y).item() == 2.0  # one sample: |x − y|
+    # two samples: ½(|x1 − y| + |x2 − y|) − ¼·|x1 − x2| = ½(1 + 3) − ¼·4 = 1
+    assert evaluate.crps(np.array([[[0.0], [4.0]]]), y).item() == 1.0
+    # an unparsed sample is left out; no parsed sample → NaN
+    assert evaluate.crps(np.array([[[0.0], [4.0], [np.nan]]]), y).item() == 1.0
+    assert np.isnan(evaluate.crps(np.array([[[np.nan]]]), y).item())
+
+
+def test_coverage_counts_the_truth_inside_the_central_interval():
+    values = np.arange(11.0)[None, :, None]  # (1 series, 11 samples 0…10, 1 cell)
+    # quantiles: 50% → [2.5, 7.5], 90% → [0.5, 9.5]
+    assert evaluate.coverage(values, np.array([[2.0]]), 0.5) == 0.0
+    assert evaluate.coverage(values, np.array([[2.0]]), 0.9) == 1.0
+    assert evaluate.coverage(values, np.array([[9.6]]), 0.9) == 0.0
+
+
+def test_score_reports_interval_coverage():
+    """Two cells, samples (0, 1, 2) in each: 50% interval [0.5, 1.5], 90% [0.1, 1.9]. Truth 0
+    lies in neither, truth 1 in both. (Through evaluate.py the stored float32 data never equal
+    a decoded forecast exactly, so coverage is pinned here.)"""
+    values = np.array([0.0, 1.0, 2.0])[None, :, None, None].repeat(2, axis=3)  # (1, 3, 1, 2)
+    m = evaluate.score(values, np.array([[[0.0, 1.0]]]), np.zeros((1, 2)), alpha=1.0)
+    assert (m["coverage_50"], m["coverage_90"]) == (0.5, 0.5)
+
+
+def test_baseline_run_same_outputs_and_a_zero_flop_record(setup, tmp_path):
+    """persistence repeats (12, 19.98): scaled prey errors −1, −2, −3, predator 0, so MSE 14/6."""
+    assert evaluate.main(base_args(setup, tmp_path, "--baseline", "persistence")) == 0
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["mse_scaled"] == pytest.approx(14 / 6, rel=REL)
+    assert m["mse_scaled_by_horizon"] == pytest.approx([0.5, 2.0, 4.5], rel=REL)
+    assert m["decoding"] == "baseline" and m["baseline"] == "persistence"
+    assert m["parse_failure_rate"] == 0.0 and m["flops"] == 0
+    (record,) = flops.read_ledger(tmp_path / "ledger.jsonl")
+    assert (record["kind"], record["flops"], record["series"]) == ("baseline", 0, [0, 2])
+    for f in ("per_series.csv", "forecasts.npz", "trajectories.png", "horizon.png"):
+        assert (tmp_path / "eval" / f).stat().st_size > 0
+    assert evaluate.main(["--compare", str(tmp_path / "eval"), "--out", str(tmp_path / "c")]) == 0
+    row = (tmp_path / "c" / "compare.md").read_text().splitlines()[2]
+    assert row == f"| {tmp_path / 'eval'} | 2 | baseline | 2.333 | 2.333 | 1 | 1 | 0 | — | — |"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--samples", "-1"], "error: --samples must be an integer ≥ 0 (0: greedy), got -1"),
+    (["--samples", "4", "--temperature", "0"],
+     "error: --temperature must be > 0 when sampling (for greedy decoding use --samples 0), "
+     "got 0.0"),
+    (["--baseline", "prophet"],
+     "error: --baseline 'prophet' is not a baseline; choose one of persistence, context-mean, "
+     "linear, lv-fit"),
+    (["--limit", "0"], "error: --limit must be an integer ≥ 1 (the first N series of the split; "
+                       "leave it out for all), got 0"),
+    (["--batch-size", "0"], "error: --batch-size must be an integer ≥ 1 or auto, got 0"),
+    (["--batch-size", "many"], "error: --batch-size must be an integer ≥ 1 or auto, got 'many'"),
+    (["--top-p", "1.5"], "error: --top-p must be in (0, 1], got 1.5"),
+    (["--context-fraction", "1"], "error: --context-fraction must be in (0, 1), got 1.0"),
+    (["--forecast-steps", "0"], "error: --forecast-steps must be an integer ≥ 1, got 0"),
+])
+def test_bad_flags_are_one_line_errors(setup, tmp_path, capsys, flags, message):
+    assert evaluate.main(base_args(setup, tmp_path, *flags)) == 2
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_a_non_number_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--limit", "ten"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: argument --limit: invalid int value: 'ten'\n"
+
+
+@pytest.fixture(scope="module")
+def adapter(setup, tmp_path_factory):
+    """A rank-2 adapter on q_proj and o_proj whose metadata says split seed 7, decimals 3."""
+    ckpt, h5, _ = setup
+    model = load_model(ckpt)
+    apply_lora(model, rank=2, targets=("q_proj", "o_proj"))
+    scaler = data.LLMTimeScaler(alpha=2.0, decimals=3)
+    folder = tmp_path_factory.mktemp("adapter") / "adapter"
+    save_adapter(model, folder, str(ckpt), {"scaler": scaler.to_dict(),
+                                            "train_config": {"split_seed": 7, "decimals": 3}})
+    return folder
+
+
+def test_adapter_metadata_defines_split_and_encoding(setup, adapter, tmp_path, monkeypatch):
+    texts = ["7.000,9.990;8.000,9.990;9.000,9.990;"] * 2
+    stub = stub_generate(setup[2], texts)
+    monkeypatch.setattr(evaluate, "generate", stub)
+    assert evaluate.main(base_args(setup, tmp_path, "--adapter", str(adapter))) == 0
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert (m["split_seed"], m["decimals"]) == (7, 3)
+    assert m["mse_scaled"] == pytest.approx(0.0, abs=1e-12)  # float32 data: measured 2.6e-14
+    saved = np.load(tmp_path / "eval" / "forecasts.npz")
+    assert saved["indices"].tolist() == data.split_indices(20, seed=7)["val"][:2].tolist()
+    # 3 steps of two numbers of up to 3 + 1 + 3 characters: sized by the adapter's decimals
+    assert stub.calls[0]["max_new_tokens"] == 3 * (2 * 7 + 2)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--split-seed", "42"], "error: --split-seed 42 contradicts {}/qwen_min.json: the adapter "
+                             "was trained with split_seed = 7; leave the flag out (the adapter's "
+                             "value is used)"),
+    (["--decimals", "2"], "error: --decimals 2 contradicts {}/qwen_min.json: the adapter was "
+                          "trained with decimals = 3; leave the flag out (the adapter's value "
+                          "is used)"),
+])
+def test_a_flag_contradicting_the_adapter_is_an_error(setup, adapter, tmp_path, capsys, flags,
+                                                      message):
+    assert evaluate.main(base_args(setup, tmp_path, "--adapter", str(adapter), *flags)) == 2
+    assert capsys.readouterr().err == message.format(adapter) + "\n"
+
+
+def greedy_generate(model, ids, max_new_tokens, mask, eos_token_id=None, cache=None, **api):
+    """qwen_min.generate's plain greedy loop under evaluate.py's call (every token written)."""
+    return generate(model, ids, max_new_tokens, mask, cache=cache)
+
+
+def test_ledger_equals_the_closed_form(setup, adapter, tmp_path, monkeypatch):
+    """A real evaluation (LoRA, 2 batches: 2 + 1 series): each batch's ledger record equals
+    flops.evaluation_flops of its shapes, their sum is metrics.json's figure, and the plan
+    prices the same evaluation at the same figure, exactly."""
+    monkeypatch.setattr(evaluate, "generate", greedy_generate)
+    args = base_args(setup, tmp_path, "--adapter", str(adapter), "--batch-size", "2",
+                     "--limit", "3", "--forecast-steps", "1", "--unconstrained")
+    assert evaluate.main(args) == 0
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    records = flops.read_ledger(tmp_path / "ledger.jsonl")
+    assert [r["series"] for r in records] == [[0, 2], [2, 3]]
+    cfg = load_model(setup[0]).cfg
+    lora = dict(lora_rank=2, lora_targets=["o_proj", "q_proj"])
+    for r in records:
+        assert r["flops"] == flops.evaluation_flops(
+            cfg, len(r["target_lens"]), r["prompt_len"], r["new_tokens"], r["target_lens"],
+            **lora)
+    assert sum(r["flops"] for r in records) == m["flops"] > 0
+    # every series the same: 7 context steps of 12 tokens ("0.000,9.990;"), 2·(3+1+3)+2
+    # generated, 12 − 1 target tokens
+    assert {(r["prompt_len"], r["new_tokens"])
+            for r in records} == {(84, 16)} and records[0]["target_lens"] == [11, 11]
+    plan = flops.Plan(runs=(flops.Run("eval", steps=0, seq_len=0, rank=2),),
+                      evaluation=flops.Evaluation(series=3, prompt_len=84, new_tokens=16,
+                                                  target_len=11))
+    assert flops.plan_flops(plan, cfg, lora_targets=lora["lora_targets"])["total"] == m["flops"]
+
+
+def test_auto_batch_size_fits_free_cuda_memory(setup, monkeypatch):
+    """Per series, fp32: KV cache 2·layers·n_kv·head_dim·positions·4 = 2·2·2·16·100·4 =
+    51,200 bytes per row, logits 10·151,936·4 = 6,077,440 bytes; 70% of 10 GiB − 1 GiB."""
+    model = load_model(setup[0])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    cuda = torch.device("cuda")
+    greedy = evaluate.auto_batch_size(model, cuda, 1, 100, 10, keep_logits=True)
+    assert greedy == (0.7 * 10 * 2**30 - 2**30) // (51_200 + 6_077_440) == 1051
+    sampled = evaluate.auto_batch_size(model, cuda, 8, 100, 10, keep_logits=False)
+    assert sampled == (0.7 * 10 * 2**30 - 2**30) // (8 * 51_200) == 15728
+    assert evaluate.auto_batch_size(model, torch.device("cpu"), 8, 100, 10, True) == 16
