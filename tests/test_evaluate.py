@@ -54,6 +54,8 @@ def stub_generate(tokenizer, texts: list[str], boost: dict[int, list[int]] | Non
                           grammar=grammar, n_steps=n_steps, samples=samples,
                           temperature=temperature, top_p=top_p, seeds=seeds.tolist(),
                           return_logits=return_logits))
+        if cache is not None:  # as generate leaves it: the prompt's keys/values (zeros here)
+            cache.length = ids.shape[1]
         mine = texts[start : start + len(ids) * max(samples, 1)]
         rows = [data.tokenize(tokenizer, t) for t in mine]
         n = max(map(len, rows))

@@ -236,8 +236,12 @@ def test_plan_equals_running_it():
         generate(model, ids(cfg, 1, 6), 3)
     result = flops.plan_flops(plan, cfg, budget=1e9)
     assert result["train_flops"] == 2 * 3 * forward
-    assert result["eval_flops"] == 2 * 5 * c.total
-    assert result["total"] == 6 * forward + 10 * c.total
+    # an evaluation is the generation plus the teacher-forced pass and both cross-entropies
+    # (evaluate.py's ledger equals evaluation_flops: tests/test_evaluate.py)
+    evaluation = flops.evaluation_flops(cfg, 1, 6, 3, [99], 2, flops.DEFAULT_TARGETS)
+    assert evaluation > c.total
+    assert result["eval_flops"] == 2 * 5 * evaluation
+    assert result["total"] == 6 * forward + 10 * evaluation
     assert result["fits"] == (result["total"] <= 1e9)
 
 
