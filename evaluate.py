@@ -262,11 +262,13 @@ def auto_batch_size(model, device: torch.device, rows_per_series: int, positions
     return max(1, int((0.7 * free - 2**30) // per_series))
 
 
-def batch_flops(model, prompts, targets, new_tokens: int, samples: int, top_p: float) -> int:
+def batch_flops(model, prompts, targets, new_tokens: int, samples: int, top_p: float,
+                sample_tokens: int | None) -> int:
     """Closed-form FLOPs of one batch (flops.evaluation_flops), at the padded prompt length."""
     return flops.evaluation_flops(model.cfg, len(prompts), max(len(p) for p in prompts),
                                   new_tokens, [len(t) for t in targets], samples=samples,
-                                  top_p=top_p, **lora_settings(model))
+                                  top_p=top_p, sample_tokens=sample_tokens,
+                                  **lora_settings(model))
 
 
 def text_of(tokenizer, row: list[int]) -> str:
@@ -286,8 +288,10 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
         positions = max(map(len, prompts)) + max(new_tokens, max(map(len, targets)))
         size = auto_batch_size(model, device, S, positions, new_tokens, not args.samples)
     batches = [slice(b, min(b + size, len(prompts))) for b in range(0, len(prompts), size)]
+    # under the grammar, sampling draws from its tokens only (qwen_min.generate)
+    sample_tokens = None if args.unconstrained else len(grammar.token_ids)
     planned = sum(batch_flops(model, prompts[sl], targets[sl], new_tokens, args.samples,
-                              args.top_p) for sl in batches)
+                              args.top_p, sample_tokens) for sl in batches)
     flops.check_budget(args.ledger, planned, args.flops_budget, args.force)
     values = np.full((len(prompts), S, args.forecast_steps, 2), np.nan)
     texts, tf_ce, gen_ce, total = [], [], [], 0

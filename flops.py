@@ -288,9 +288,11 @@ def evaluation_flops(
     gqa: str = "real",
     samples: int = 0,
     top_p: float = 1.0,
+    sample_tokens: int | None = None,
 ) -> int:
     """One batch of evaluate.py: `batch` prompts left-padded to prompt_len, new_tokens generated
-    (`samples` continuations each at `top_p`, 0 = greedy), then the true targets (target_lens
+    (`samples` continuations each at `top_p`, 0 = greedy; under the grammar sampling draws from
+    its `sample_tokens` tokens), then the true targets (target_lens
     tokens each) teacher-forced through the rewound KV cache, and the cross-entropies."""
     lora = dict(lora_rank=lora_rank, lora_targets=lora_targets, gqa=gqa)
     d, V = cfg.hidden_size, cfg.vocab_size
@@ -298,9 +300,8 @@ def evaluation_flops(
     def cross_entropy(rows: int) -> int:  # qwen_min.model.add_loss_flops: 11V + 10 a row, + mean
         return rows * (11 * V + 10) + rows
 
-    # greedy calls the signature generation_flops has always had; samples= prices sampling
-    sampling = {"samples": samples, "top_p": top_p} if samples else {}
-    total = generation_flops(cfg, batch, prompt_len, new_tokens, **lora, **sampling)
+    total = generation_flops(cfg, batch, prompt_len, new_tokens, **lora, samples=samples,
+                             top_p=top_p, sample_tokens=sample_tokens)
     if samples:  # no logits kept: the prompt's last token runs again for its logits
         total += sum(forward_flops(cfg, batch, 1, past=prompt_len - 1, last_only=True,
                                    **lora).values())

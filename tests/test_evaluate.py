@@ -305,6 +305,23 @@ def test_ledger_equals_the_closed_form(setup, adapter, tmp_path, monkeypatch):
     assert flops.plan_flops(plan, cfg, lora_targets=lora["lora_targets"])["total"] == m["flops"]
 
 
+def test_sampled_constrained_ledger_equals_the_closed_form(setup, adapter, tmp_path):
+    """The real generate, grammar-constrained, 2 samples at top-p 0.9: each batch's ledger
+    record equals flops.evaluation_flops with sampling over the grammar's 13 tokens."""
+    args = base_args(setup, tmp_path, "--adapter", str(adapter), "--batch-size", "2",
+                     "--limit", "3", "--forecast-steps", "1", "--samples", "2", "--top-p", "0.9")
+    assert evaluate.main(args) == 0
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    records = flops.read_ledger(tmp_path / "ledger.jsonl")
+    cfg = load_model(setup[0]).cfg
+    for r in records:
+        assert r["flops"] == flops.evaluation_flops(
+            cfg, len(r["target_lens"]), r["prompt_len"], r["new_tokens"], r["target_lens"],
+            lora_rank=2, lora_targets=["o_proj", "q_proj"], samples=2, top_p=0.9,
+            sample_tokens=13)
+    assert sum(r["flops"] for r in records) == m["flops"] > 0 and m["parse_failure_rate"] == 0
+
+
 def test_auto_batch_size_fits_free_cuda_memory(setup, monkeypatch):
     """Per series, fp32: KV cache 2·layers·n_kv·head_dim·positions·4 = 2·2·2·16·100·4 =
     51,200 bytes per row, logits 10·151,936·4 = 6,077,440 bytes; 70% of 10 GiB − 1 GiB."""
