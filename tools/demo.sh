@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make demo: the whole pipeline offline (simulate → baselines → train → evaluate → compare →
-# FLOP ledger) on a TINY RANDOM-WEIGHT Qwen2 checkpoint with the real Qwen2 vocabulary.
+# FLOP ledger → report) on a TINY RANDOM-WEIGHT Qwen2 checkpoint with the real Qwen2 vocabulary.
 # Everything lands in runs/demo/ (removed and rebuilt on each run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,29 +15,29 @@ echo "For the real model: make train / make eval (needs the Hugging Face downloa
 rm -rf "$D"
 start=$(date +%s)
 
-banner "1/7 tiny checkpoint (config.json + model.safetensors + real Qwen2 tokenizer.json)"
+banner "1/8 tiny checkpoint (config.json + model.safetensors + real Qwen2 tokenizer.json)"
 $PY tools/checkpoints.py "$D/tiny-qwen2"
 
-banner "2/7 simulated Lotka-Volterra data"
+banner "2/8 simulated Lotka-Volterra data"
 $PY data.py --out "$D/lotka_volterra_data.h5" --systems 200 --seed 0
 
 COMMON=(--model "$D/tiny-qwen2" --data "$D/lotka_volterra_data.h5" --ledger "$D/ledger.jsonl")
 SERIES=(--limit 30)  # the same 30 validation series for every row of the table
-banner "3/7 baselines on the same series (no language model, 0 FLOPs)"
+banner "3/8 baselines on the same series (no language model, 0 FLOPs)"
 for name in $($PY -c "import baselines; print(*baselines.NAMES)"); do
     $PY evaluate.py "${COMMON[@]}" "${SERIES[@]}" --baseline "$name" --out "$D/baseline-$name" \
         >/dev/null
     echo "baseline $name: $D/baseline-$name"
 done
 
-banner "4/7 LoRA training (150 steps, context 128; a high lr, because the model starts random)"
+banner "4/8 LoRA training (150 steps, context 128; a high lr, because the model starts random)"
 $PY train.py "${COMMON[@]}" --out "$D/train" --steps 150 --context-length 128 --stride 128 \
     --lr 2e-2 --targets q_proj,v_proj,o_proj,down_proj --eval-every 50 --checkpoint-every 50
 
-banner "5/7 the untrained model (grammar-constrained greedy, 10 forecast steps)"
+banner "5/8 the untrained model (grammar-constrained greedy, 10 forecast steps)"
 $PY evaluate.py "${COMMON[@]}" "${SERIES[@]}" --out "$D/eval-untrained" >/dev/null
 
-banner "6/7 the trained adapter: greedy, then 10 samples per series (median, CRPS, intervals)"
+banner "6/8 the trained adapter: greedy, then 10 samples per series (median, CRPS, intervals)"
 $PY evaluate.py "${COMMON[@]}" "${SERIES[@]}" --adapter "$D/train/adapter" --out "$D/eval-lora" \
     >/dev/null
 $PY evaluate.py "${COMMON[@]}" "${SERIES[@]}" --adapter "$D/train/adapter" --samples 10 \
@@ -46,8 +46,11 @@ echo "one comparison table (scaled units; filled MSE puts persistence in failed 
 $PY evaluate.py --compare "$D"/baseline-* "$D/eval-untrained" "$D/eval-lora" \
     "$D/eval-lora-samples" --out "$D/compare"
 
-banner "7/7 FLOP ledger against the 1e17 budget"
+banner "7/8 FLOP ledger against the 1e17 budget"
 $PY flops.py --ledger "$D/ledger.jsonl" | tail -n 8
+
+banner "8/8 the report: every table and figure in one page"
+$PY report.py --runs "$D"
 
 banner "done in $(( $(date +%s) - start )) s; files written:"
 find "$D" -type f -not -path "*/tiny-qwen2/*" | sort
