@@ -12,7 +12,7 @@ modification time and "commit not recorded"), and a piece that is not there is s
 missing. index.html embeds its images as data URIs: it opens from disk or as a mail attachment.
 
 How runs are found: a training run is a folder with metrics.jsonl; an evaluation is a folder
-with metrics.json (a baseline when it has a "baseline" key, the untrained model when it has no
+with metrics.json (a baseline when its "baseline" names one, the untrained model when it has no
 adapter); a sweep is a folder with summary.csv or grid-*/context-* runs; the final run is the
 sweep's final/, else a run named final, else the only (or newest) training run.
 """
@@ -307,7 +307,7 @@ def section_runs(page: Page, runs: Runs) -> None:
     for run in runs.train:
         rows.append([str(run), "training", *stamp(run / "config.json"), str(run / "config.json")])
     for folder, m in runs.evals.items():
-        kind = "baseline" if "baseline" in m else "evaluation"
+        kind = "baseline" if m.get("baseline") else "evaluation"
         rows.append([str(folder), kind, *stamp(folder / "metrics.json"),
                      str(folder / "metrics.json")])
     if rows:
@@ -355,12 +355,12 @@ def section_data(page: Page, runs: Runs, final: Path | None) -> None:
 def section_baselines(page: Page, runs: Runs) -> None:
     page.heading("2. The untrained model beside the baselines")
     rows = [([f"untrained ({m.get('split', '?')})"], d / "metrics.json", m)
-            for d, m in runs.evals.items() if not m.get("adapter") and "baseline" not in m]
+            for d, m in runs.evals.items() if not m.get("adapter") and not m.get("baseline")]
     if not rows:
         page.missing(f"an evaluation of the untrained model (evaluate.py without --adapter) in "
                      f"{runs.root}")
     baselines = [([f"{m['baseline']} ({m.get('split', '?')})"], d / "metrics.json", m)
-                 for d, m in runs.evals.items() if "baseline" in m]
+                 for d, m in runs.evals.items() if m.get("baseline")]
     if not baselines:
         page.missing(f"baseline evaluations ({runs.root}/baselines/{{val,test}}/<name>/"
                      "metrics.json)")
