@@ -22,13 +22,17 @@ closed form.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import model as model_module
 from .model import (
+    FlopCounter,
     KVCache,
     Qwen2ForCausalLM,
     count_flops,
@@ -229,19 +233,26 @@ def eager_step_flops(
 
 
 class CompiledDecodeStep:
-    """One greedy decoding step of (B, 1) tokens against a KVCache of fixed size, compiled
-    with static shapes (CUDA graphs on CUDA): `logits = step(tokens, attention_mask)`.
+    """One decoding step of (B, 1) tokens against a KVCache of fixed size, compiled with
+    static shapes (CUDA graphs on CUDA): `logits = step(tokens, attention_mask)`; what chooses
+    the next token from the logits (argmax, grammar, sampling) stays outside the graph.
 
     The reference decode step, `model(tokens, mask[:, :T+i], cache, last_only=True)`, reads a
     cache slice and a mask that grow by one every step: a new shape each time. Here the query
     attends over the whole preallocated cache, and slots after the current one are masked, so
     every step has the same shapes. Those slots hold zeros or stale values; masked, they get
     probability exactly 0, as if absent. The current slot is a tensor (no recompiles); the
-    cache's `length` is that slot, and this step advances it by one."""
+    cache's `length` is that slot, and this step advances it by one.
+
+    FLOPs: the hooks do not run per step inside the graph, so each call adds to the active
+    count_flops() counter what the reference step counts (DecodeStepFlops). The graph's real
+    work differs (it attends over every slot, masked ones included), but the ledger counts the
+    reference algorithm, over the S real keys, as the budget rules define it."""
 
     def __init__(self, model: Qwen2ForCausalLM, cache: KVCache, mode: str | None = "auto"):
         self.model, self.cache = model, cache
         device = cache.k.device
+        self.flops = DecodeStepFlops(model, cache.k.dtype, device)
         mode = compile_mode(device) if mode == "auto" else mode
         self.position = torch.zeros((), dtype=torch.long, device=device)
         for t in (cache.k, cache.v, self.position):  # written in place: CUDA graphs keep them
@@ -266,9 +277,54 @@ class CompiledDecodeStep:
         whole mask (prompt padding 0, every generated slot 1): slots after this one are masked
         here. Returns the logits (B, V) of the next token."""
         self.position.fill_(self.cache.length)
-        logits = self.compiled(tokens, attention_mask, self.position, self.cache.k, self.cache.v)
+        with counting_paused() as counter:
+            logits = self.compiled(tokens, attention_mask, self.position, self.cache.k,
+                                   self.cache.v)
+        if counter is not None:  # the reference step attends over this token and those before
+            self.flops.add_to(counter, tokens.shape[0], self.cache.length + 1)
         self.cache.length += 1
         return logits
+
+
+@contextmanager
+def counting_paused() -> Iterator[FlopCounter | None]:
+    """The active count_flops() counter (or None), set aside while a compiled graph runs:
+    with a counter active, dynamo traces the hooks' updates of it and guards on its values,
+    so every step recompiles (measured: the recompile limit is hit within one generate)."""
+    counter, model_module._counter = model_module._counter, None
+    try:
+        yield counter
+    finally:
+        model_module._counter = counter
+
+
+class DecodeStepFlops:
+    """What the reference decode step (generate.decode_step) counts for R rows, each one new
+    token attending over S keys: R · (c₁ + (S − 1) · (c₂ − c₁)), key by key, where c₁, c₂ are
+    the counts of one row at S = 1 and S = 2, taken once from two counted eager steps.
+
+    Exact, not an estimate: every rule in qwen_min.model is linear in the rows, and only the
+    attention's rules see S, each affine in it (q·kᵀ: nh·S·(2hd − 1), scale nh·S, softmax
+    nh·(12S − 1), p·v nh·hd·(2S − 1)); tests/test_fast_decode.py checks the whole ledger."""
+
+    def __init__(self, model: Qwen2ForCausalLM, dtype: torch.dtype, device: torch.device):
+        cache = KVCache(model.cfg, 1, 2, dtype, device)
+        token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        counts = []
+        for _ in range(2):  # S = 1 (an empty cache), then S = 2
+            with torch.no_grad(), count_flops() as c:
+                model(token, None, cache, last_only=True)
+            counts.append(c)
+        self.at_one = counts[0]
+        self.per_key = FlopCounter({k: counts[1][k] - counts[0][k] for k in counts[1]})
+        self.per_key.matmul_outputs = counts[1].matmul_outputs - counts[0].matmul_outputs
+
+    def add_to(self, counter: FlopCounter, rows: int, keys: int) -> None:
+        """Count one step of `rows` rows over `keys` keys into `counter`, as its hooks would."""
+        for name, per_key in self.per_key.items():
+            counter[name] += rows * (self.at_one[name] + (keys - 1) * per_key)
+        counter.matmul_outputs += rows * (self.at_one.matmul_outputs
+                                          + (keys - 1) * self.per_key.matmul_outputs)
 
 
 class _StaticCache:

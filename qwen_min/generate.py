@@ -14,10 +14,12 @@ batched runs equal unbatched ones and seeded runs reproduce exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .compiled import CompiledDecodeStep
 from .grammar import QWEN2_SEMICOLON_ID, LLMTimeGrammar
 from .model import KVCache, Qwen2ForCausalLM, add_flops
 
@@ -65,6 +67,21 @@ def decode_step(model: Qwen2ForCausalLM, last: torch.Tensor, mask: torch.Tensor,
                 cache: KVCache) -> torch.Tensor:
     """One token per row (R,) against the cache; mask (R, S) covers cache + this token → (R, V)."""
     return model(last[:, None], mask, cache, last_only=True)[:, -1]  # (R, 1) → (R, 1, V) → (R, V)
+
+
+def decoder(model: Qwen2ForCausalLM, cache: KVCache, mask: torch.Tensor,
+            compiled: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """`step(fed (R,), i)` → (R, V), the logits of decoding step i ≥ 1 after the prefill of T =
+    cache.length tokens; mask (R, T + max_new_tokens). Eager: decode_step. Compiled: one
+    CompiledDecodeStep over the whole cache (qwen_min.compiled), the same tokens and the same
+    FLOP count; its mask covers every cache slot (those after T + max_new_tokens: 0, unused)."""
+    T = cache.length
+    if not compiled:
+        return lambda fed, i: decode_step(model, fed, mask[:, : T + i], cache)
+    step = CompiledDecodeStep(model, cache)
+    slots = mask.new_zeros(mask.shape[0], cache.k.shape[3])  # (R, room)
+    slots[:, : mask.shape[1]] = mask
+    return lambda fed, i: step(fed[:, None], slots)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -202,7 +219,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     eos_token_id: int | None = None,
     cache: KVCache | None = None,
-    prefill_rows: int = 4,
+    prefill_rows: int | None = None,
     *,
     grammar: LLMTimeGrammar | None = None,
     n_steps: int | None = None,
@@ -211,6 +228,7 @@ def generate(
     top_p: float = 1.0,
     seeds: torch.Tensor | None = None,
     return_logits: bool = True,
+    compiled_decode: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode up to `max_new_tokens` tokens for a left-padded batch of B prompts.
 
@@ -228,10 +246,17 @@ def generate(
     `cache`: an empty KVCache of your own for the B prompts with room for T + max_new_tokens,
     to reuse afterwards: it then holds the prompts in positions [0, T) (evaluate.py rewinds it
     to T and runs the true continuation); samples decode in a cache of their own.
+    prefill_rows: prompts per prefill call; default all B on CUDA (one batch), 4 elsewhere.
+    compiled_decode: each decoding step's model call as one compiled graph (CUDA graphs on
+    CUDA; qwen_min.compiled.CompiledDecodeStep), built after the prefill for the decode cache;
+    the same tokens and FLOP count. Its first call compiles (≈ 25 s for a tiny model on CPU; a
+    second shape once more, as dynamic, then no more): worth it on a GPU.
     """
     B, T = input_ids.shape
-    check_arguments(B, max_new_tokens, prefill_rows, n_steps, samples, temperature, top_p, seeds)
     device = input_ids.device
+    if prefill_rows is None:  # on CPU, a few rows at a time stay in the caches (see prefill)
+        prefill_rows = B if device.type == "cuda" else 4
+    check_arguments(B, max_new_tokens, prefill_rows, n_steps, samples, temperature, top_p, seeds)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     mask = attention_mask.new_ones(B, T + max_new_tokens)
@@ -253,6 +278,7 @@ def generate(
         token_ids = tables.token_ids if tables is not None else None
         sampler = Sampler.for_prompts(seeds.to(device), samples, token_ids, temperature, top_p)
     rows, V = step_logits.shape
+    step = decoder(model, run_cache, mask, compiled_decode)
     state = tables.start(rows) if tables is not None else None
     fill = QWEN2_EOS_ID if eos_token_id is None else eos_token_id
     semicolon = grammar.semicolon_id if grammar is not None else QWEN2_SEMICOLON_ID
@@ -264,7 +290,7 @@ def generate(
 
     for i in range(max_new_tokens):
         if i > 0:
-            step_logits = decode_step(model, fed, mask[:, : T + i], run_cache)
+            step_logits = step(fed, i)
         raw = step_logits.float()
         if logits is not None:
             logits[:, i] = raw
