@@ -20,6 +20,11 @@ as given. Either way train.py and evaluate.py check the ledger before every run:
 budget would be exceeded the sweep stops and says so. Finished runs are skipped when the sweep
 is started again, and a killed run resumes, so an interrupted sweep completes as if it had not
 been. Writes summary.md, summary.csv and grid_heatmap.png.
+
+`--devices cuda:0,cuda:1` runs a stage's independent runs (the grid's, the context study's) at
+once, one per device; each stage still waits for all its runs before choosing its best, and the
+runs share the ledger (its appends are locked). Without it, runs go one at a time on train.py's
+default device.
 """
 
 from __future__ import annotations
@@ -28,11 +33,15 @@ import argparse
 import csv
 import io
 import json
+import queue
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import data
 import flops
@@ -89,6 +98,25 @@ def number_list(kind: type, low: float, strict: bool = False):
     return parse
 
 
+def device_list(text: str) -> list[str]:
+    """--devices: comma-separated torch device names, each one a worker slot (cpu may repeat)."""
+    items = [x.strip() for x in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of devices like cuda:0,cuda:1, got {text!r}")
+    for item in items:
+        try:
+            device = torch.device(item)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(
+                f"expected devices like cpu, cuda:0 or mps, got {item!r}") from None
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{item}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "name devices from cuda:0 up, or cpu")
+    return items
+
+
 def batch_size(text: str) -> str:
     """evaluate.py's --batch-size: 'auto' or an integer ≥ 1 (passed on as written)."""
     return text if text == "auto" else str(number(int, 1)(text))
@@ -120,6 +148,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensorboard", action="store_true",
                    help="train.py --tensorboard for every run (logs in each run folder)")
     p.add_argument("--extra", default="", help="extra flags for train.py, e.g. '--dtype fp32'")
+    p.add_argument("--devices", type=device_list,
+                   help="run each stage's runs concurrently, one per device, e.g. cuda:0,cuda:1 "
+                        "(default: one at a time on train.py's default device)")
     return p.parse_args(argv)
 
 
@@ -166,8 +197,13 @@ def run(cmd: list[str]) -> int:
     return subprocess.call([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
 
 
+def device_flag(device: str | None) -> list[str]:
+    """The --device a child runs on; none: the script's own default."""
+    return [] if device is None else ["--device", device]
+
+
 def train_command(args: argparse.Namespace, run_dir: Path, rank: int, lr: float, context: int,
-                  steps: int) -> list[str]:
+                  steps: int, device: str | None = None) -> list[str]:
     cmd = ["train.py", "--model", args.model, "--data", args.data, "--ledger", args.ledger,
            "--out", str(run_dir), "--rank", str(rank), "--lr", str(lr),
            "--context-length", str(context), "--stride", str(min(MAX_STRIDE, context)),
@@ -179,10 +215,10 @@ def train_command(args: argparse.Namespace, run_dir: Path, rank: int, lr: float,
         cmd.append("--tensorboard")
     if (run_dir / "state.pt").exists():
         cmd.append("--resume")
-    return cmd + args.extra.split()
+    return cmd + device_flag(device) + args.extra.split()
 
 
-def eval_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
+def eval_command(args: argparse.Namespace, run_dir: Path, device: str | None = None) -> list[str]:
     cmd = ["evaluate.py", "--model", args.model, "--data", args.data, "--ledger", args.ledger,
            "--flops-budget", str(args.flops_budget), "--adapter", str(run_dir / "adapter"),
            "--out", str(run_dir / "eval"), "--split", "val",
@@ -191,17 +227,19 @@ def eval_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
         cmd += ["--batch-size", args.eval_batch_size]
     if args.eval_limit:
         cmd += ["--limit", str(args.eval_limit)]
-    return cmd
+    return cmd + device_flag(device)
 
 
 def train_and_eval(args: argparse.Namespace, name: str, rank: int, lr: float, context: int,
-                   steps: int) -> dict | None:
-    """One experiment; returns its validation metrics, or None when the budget refused it."""
+                   steps: int, device: str | None = None) -> dict | None:
+    """One experiment on `device` (None: the scripts' default); returns its validation
+    metrics, or None when the budget refused it."""
     run_dir = Path(args.out) / name
     metrics_path = run_dir / "eval" / "metrics.json"
     if not metrics_path.exists():
-        for script, cmd in (("train.py", train_command(args, run_dir, rank, lr, context, steps)),
-                            ("evaluate.py", eval_command(args, run_dir))):
+        train = train_command(args, run_dir, rank, lr, context, steps, device)
+        for script, cmd in (("train.py", train),
+                            ("evaluate.py", eval_command(args, run_dir, device))):
             code = run(cmd)
             if code == BUDGET_EXIT:
                 print(f"sweep: {name}: {script} refused: the budget would be exceeded")
@@ -212,6 +250,40 @@ def train_and_eval(args: argparse.Namespace, name: str, rank: int, lr: float, co
     row = {"name": name, "stage": name.split("-")[0], "rank": rank, "lr": lr, "context": context,
            "steps": steps}
     return row | {k: metrics.get(k) for k in SUMMARY_KEYS if k not in row}
+
+
+def run_concurrently(args: argparse.Namespace, runs: list[tuple]) -> tuple[list[dict], bool]:
+    """A stage's independent runs, each (name, rank, lr, context, steps), on a pool of worker
+    slots, one per --devices entry (one slot without it: the runs go one by one, in order).
+
+    Returns the rows of the finished runs in the order listed, and whether every run finished.
+    After a refusal (the budget) or a failure no further run starts; the runs in flight finish,
+    so their FLOPs are not spent for nothing, then a failure is raised."""
+    slots = args.devices or [None]
+    free = queue.SimpleQueue()  # the devices no run holds now
+    for device in slots:
+        free.put(device)
+    stop = threading.Event()
+
+    def one(spec: tuple) -> dict | None:
+        if stop.is_set():
+            return None
+        device = free.get()  # never waits: one slot per worker thread
+        try:
+            row = train_and_eval(args, *spec, device=device)
+        except BaseException:  # a failed run (SystemExit): start nothing more
+            stop.set()
+            raise
+        finally:
+            free.put(device)
+        if row is None:
+            stop.set()
+        return row
+
+    with ThreadPoolExecutor(len(slots)) as pool:
+        results = list(pool.map(one, runs))
+    rows = [row for row in results if row is not None]
+    return rows, len(rows) == len(runs)
 
 
 def score(row: dict) -> float | None:
@@ -278,27 +350,25 @@ def plot_heatmap(out: Path, grid: list[dict], ranks: list[int], lrs: list[float]
 def run_stages(args: argparse.Namespace, plan: flops.Plan) -> tuple[list[dict], str]:
     """Grid, context study, final run; the rows done and a note on how the sweep ended."""
     out, budget = Path(args.out), f"the budget ({args.flops_budget:.3g}) would be exceeded"
-    rows = []
-    for rank, lr in [(r, lr) for r in args.ranks for lr in args.lrs]:
-        row = train_and_eval(args, f"grid-r{rank}-lr{lr:g}", rank, lr, args.grid_context,
-                             stage_steps(plan, "grid"))
-        if row is None:
-            return rows, f"Stopped in the grid: {budget}."
-        rows.append(row)
+    grid = [(f"grid-r{rank}-lr{lr:g}", rank, lr, args.grid_context, stage_steps(plan, "grid"))
+            for rank in args.ranks for lr in args.lrs]
+    rows, finished = run_concurrently(args, grid)
+    if not finished:
+        return rows, f"Stopped in the grid: {budget}."
     plot_heatmap(out, rows, args.ranks, args.lrs)
     g = best(rows)
-    for ctx in args.contexts:
-        row = train_and_eval(args, f"context-{ctx}", g["rank"], g["lr"], ctx,
-                             stage_steps(plan, "context"))
-        if row is None:
-            return rows, f"Stopped in the context study: {budget}."
-        rows.append(row)
+    contexts = [(f"context-{ctx}", g["rank"], g["lr"], ctx, stage_steps(plan, "context"))
+                for ctx in args.contexts]
+    context_rows, finished = run_concurrently(args, contexts)
+    rows += context_rows
+    if not finished:
+        return rows, f"Stopped in the context study: {budget}."
     b = best(rows)
-    row = train_and_eval(args, "final", b["rank"], b["lr"], b["context"],
-                         stage_steps(plan, "final"))
-    if row is None:
+    final = [("final", b["rank"], b["lr"], b["context"], stage_steps(plan, "final"))]
+    final_rows, finished = run_concurrently(args, final)
+    if not finished:
         return rows, f"Stopped before the final run: {budget}."
-    return rows + [row], "All stages finished within the budget."
+    return rows + final_rows, "All stages finished within the budget."
 
 
 def main(argv: list[str] | None = None) -> int:
