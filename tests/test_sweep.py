@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import flops
@@ -279,3 +280,45 @@ def test_make_sweep_fits_the_plan_make_flops_prints(tmp_path):
     plan, changes = sweep.choose_plan(args, Qwen2Config(), evaluation)
     assert (plan, changes) == flops.fit_plan()
     assert [sweep.stage_steps(plan, s) for s in ("context", "final")] == [1000, 3000]
+
+
+def test_two_cpu_slots_run_a_stage_at_once_and_end_as_the_sequential_sweep(tiny, finished,
+                                                                         tmp_path):
+    """--devices cpu,cpu: two train.py/evaluate.py pairs at a time, each given --device cpu.
+    Training is deterministic, so summary.csv is the sequential sweep's. Overlap without a
+    clock: the ledger is appended in time order, so a record of one grid run written between
+    the first and last records of the other proves both were in flight together (one at a
+    time, each run's records are contiguous)."""
+    out = tmp_path / "sweep"
+    log = tmp_path / "log.txt"
+    proc = start_sweep(sweep_args(tiny, out, "--devices", "cpu,cpu"), log)
+    assert proc.wait(timeout=600) == 0, log.read_text()
+    assert (out / "summary.csv").read_text() == (finished[0] / "summary.csv").read_text()
+    assert [json.loads((out / n / "config.json").read_text())["device"] for n in NAMES] == \
+        ["cpu"] * len(NAMES)
+    owners = [Path(r["name"]).relative_to(out).parts[0] for r in
+              flops.read_ledger(out / "ledger.jsonl")]
+
+    def span(name: str) -> range:
+        where = [i for i, owner in enumerate(owners) if owner == name]
+        return range(where[0], where[-1] + 1)
+
+    for stage in (NAMES[:2], NAMES[2:4]):
+        a, b = (span(name) for name in stage)
+        assert set(a) & set(b), (stage, owners)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("cpu,", "expected a comma-separated list of devices like cuda:0,cuda:1, got 'cpu,'"),
+    ("cpu,,cpu", "expected a comma-separated list of devices like cuda:0,cuda:1, got 'cpu,,cpu'"),
+    ("gpu0", "expected devices like cpu, cuda:0 or mps, got 'gpu0'"),
+    ("cpu,cuda:x", "expected devices like cpu, cuda:0 or mps, got 'cuda:x'"),
+    ("cuda:99", f"cuda:99: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "name devices from cuda:0 up, or cpu"),
+])
+def test_bad_devices_are_a_one_line_error(value, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--devices", value])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        f"sweep.py: error: argument --devices: {expected} (see python sweep.py --help)\n")
