@@ -30,6 +30,7 @@ default device.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -252,7 +253,46 @@ def train_and_eval(args: argparse.Namespace, name: str, rank: int, lr: float, co
     return row | {k: metrics.get(k) for k in SUMMARY_KEYS if k not in row}
 
 
-def run_concurrently(args: argparse.Namespace, runs: list[tuple]) -> tuple[list[dict], bool]:
+class Admission:
+    """Keeps concurrent runs inside the budget together. Each train.py/evaluate.py checks the
+    ledger alone, blind to what the runs beside it will still record, so two runs could each
+    fit and overrun together. A run therefore starts beside others only when the ledger plus
+    the planned FLOPs of the runs in flight plus its own fit the budget; otherwise it waits for
+    one to end. A run with none in flight starts at once and its scripts decide exactly as in a
+    sequential sweep. (What the runs in flight have already recorded counts twice: that only
+    delays a run, it never refuses one.)"""
+
+    def __init__(self, args: argparse.Namespace, cfg: Qwen2Config, evaluation: flops.Evaluation):
+        self.args, self.cfg, self.evaluation = args, cfg, evaluation
+        self.in_flight: dict[str, int] = {}  # run name → its planned FLOPs
+        self.changed = threading.Condition()
+
+    def planned(self, name: str, rank: int, context: int, steps: int) -> int:
+        """A run's training and evaluation as flops.plan_flops prices them (0: finished)."""
+        if (Path(self.args.out) / name / "eval" / "metrics.json").exists():
+            return 0
+        run = flops.Run(name.split("-")[0], steps, context, rank, batch=self.args.batch_size)
+        return flops.plan_flops(flops.Plan((run,), self.evaluation), self.cfg)["total"]
+
+    def fits(self, planned: int) -> bool:
+        ahead = flops.ledger_total(self.args.ledger) + sum(self.in_flight.values())
+        return ahead + planned <= self.args.flops_budget
+
+    @contextlib.contextmanager
+    def slot(self, name: str, planned: int):
+        with self.changed:
+            self.changed.wait_for(lambda: not self.in_flight or self.fits(planned))
+            self.in_flight[name] = planned
+        try:
+            yield
+        finally:
+            with self.changed:
+                del self.in_flight[name]
+                self.changed.notify_all()
+
+
+def run_concurrently(args: argparse.Namespace, admission: Admission, runs: list[tuple]
+                     ) -> tuple[list[dict], bool]:
     """A stage's independent runs, each (name, rank, lr, context, steps), on a pool of worker
     slots, one per --devices entry (one slot without it: the runs go one by one, in order).
 
@@ -266,16 +306,18 @@ def run_concurrently(args: argparse.Namespace, runs: list[tuple]) -> tuple[list[
     stop = threading.Event()
 
     def one(spec: tuple) -> dict | None:
-        if stop.is_set():
-            return None
-        device = free.get()  # never waits: one slot per worker thread
-        try:
-            row = train_and_eval(args, *spec, device=device)
-        except BaseException:  # a failed run (SystemExit): start nothing more
-            stop.set()
-            raise
-        finally:
-            free.put(device)
+        name, rank, _, context, steps = spec
+        with admission.slot(name, admission.planned(name, rank, context, steps)):
+            if stop.is_set():
+                return None
+            device = free.get()  # never waits: one slot per worker thread
+            try:
+                row = train_and_eval(args, *spec, device=device)
+            except BaseException:  # a failed run (SystemExit): start nothing more
+                stop.set()
+                raise
+            finally:
+                free.put(device)
         if row is None:
             stop.set()
         return row
@@ -347,25 +389,27 @@ def plot_heatmap(out: Path, grid: list[dict], ranks: list[int], lrs: list[float]
 # ----------------------------------------------------------------------------- main
 
 
-def run_stages(args: argparse.Namespace, plan: flops.Plan) -> tuple[list[dict], str]:
+def run_stages(args: argparse.Namespace, plan: flops.Plan, cfg: Qwen2Config
+               ) -> tuple[list[dict], str]:
     """Grid, context study, final run; the rows done and a note on how the sweep ended."""
+    admission = Admission(args, cfg, plan.evaluation)
     out, budget = Path(args.out), f"the budget ({args.flops_budget:.3g}) would be exceeded"
     grid = [(f"grid-r{rank}-lr{lr:g}", rank, lr, args.grid_context, stage_steps(plan, "grid"))
             for rank in args.ranks for lr in args.lrs]
-    rows, finished = run_concurrently(args, grid)
+    rows, finished = run_concurrently(args, admission, grid)
     if not finished:
         return rows, f"Stopped in the grid: {budget}."
     plot_heatmap(out, rows, args.ranks, args.lrs)
     g = best(rows)
     contexts = [(f"context-{ctx}", g["rank"], g["lr"], ctx, stage_steps(plan, "context"))
                 for ctx in args.contexts]
-    context_rows, finished = run_concurrently(args, contexts)
+    context_rows, finished = run_concurrently(args, admission, contexts)
     rows += context_rows
     if not finished:
         return rows, f"Stopped in the context study: {budget}."
     b = best(rows)
     final = [("final", b["rank"], b["lr"], b["context"], stage_steps(plan, "final"))]
-    final_rows, finished = run_concurrently(args, final)
+    final_rows, finished = run_concurrently(args, admission, final)
     if not finished:
         return rows, f"Stopped before the final run: {budget}."
     return rows + final_rows, "All stages finished within the budget."
@@ -396,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     # the sweep's flags (its grid, for report.py) and the code that ran it
     atomic_write_text(Path(args.out) / "sweep.json", json.dumps(
         vars(args) | {"provenance": provenance()}, indent=2) + "\n")
-    rows, note = run_stages(args, plan)
+    rows, note = run_stages(args, plan, cfg)
     best_by = "best = lowest mse_scaled_filled (mse_scaled where a run's metrics lack it)"
     write_summary(Path(args.out), rows, f"{note} {best_by}.")
     return 0 if note.startswith("All") else BUDGET_EXIT

@@ -119,13 +119,17 @@ def test_a_killed_sweep_started_again_ends_as_an_uninterrupted_one(tiny, finishe
     assert (out / "summary.csv").read_text() == (finished[0] / "summary.csv").read_text()
 
 
-def test_an_evaluation_refused_for_budget_stops_the_sweep_cleanly(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("devices", [[], ["--devices", "cpu,cpu"]])
+def test_an_evaluation_refused_for_budget_stops_the_sweep_cleanly(tiny, tmp_path, capsys,
+                                                                   devices):
     """The budget admits the first grid run's training but not its evaluation: evaluate.py
-    gets the sweep's budget, refuses (exit 3), and the sweep stops with a note, no traceback."""
+    gets the sweep's budget, refuses (exit 3), and the sweep stops with a note, no traceback.
+    With two devices the second grid run, which would fit the ledger alone but not beside the
+    first, waits for it (sweep.Admission), then does not start: the budget is never overrun."""
     out = tmp_path / "sweep"
     train = 2 * flops.train_step_flops(TINY, 2, 128, 2)  # what train.py plans: 3.254e10
     budget = 1.5 * train  # evaluate.py plans ≥ 4e10 for 3 series of 700 prompt tokens
-    args = sweep_args(tiny, out, "--plan", "published", "--flops-budget", str(budget))
+    args = sweep_args(tiny, out, "--plan", "published", "--flops-budget", str(budget), *devices)
     assert sweep.main(args) == sweep.BUDGET_EXIT
     printed = capsys.readouterr().out
     assert "sweep: grid-r2-lr0.001: evaluate.py refused: the budget would be exceeded" in printed
@@ -134,6 +138,7 @@ def test_an_evaluation_refused_for_budget_stops_the_sweep_cleanly(tiny, tmp_path
     assert (out / NAMES[0] / "adapter").is_dir()
     assert not (out / NAMES[0] / "eval" / "metrics.json").exists()
     assert not (out / NAMES[1]).exists()
+    assert flops.ledger_total(out / "ledger.jsonl") == train
     assert read_csv(out / "summary.csv") == []
     note = (out / "summary.md").read_text().splitlines()[-1]
     assert note == f"Stopped in the grid: the budget ({budget:.3g}) would be exceeded. {BEST_BY}"
