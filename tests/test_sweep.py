@@ -1,5 +1,6 @@
 """sweep.py: the whole plan end to end on a tiny model (grid → context study → final run),
-killed midway and started again, stopped cleanly by the budget, and its flags and choices.
+killed midway and started again, run two at a time (--devices cpu,cpu), stopped cleanly by the
+budget, and its flags and choices.
 
 The end-to-end sweep runs 10 child processes (train.py and evaluate.py per run): about 45 s
 of CPU, most of it each child's start (imports, tokenizer, model)."""
