@@ -20,19 +20,29 @@ as given. Either way train.py and evaluate.py check the ledger before every run:
 budget would be exceeded the sweep stops and says so. Finished runs are skipped when the sweep
 is started again, and a killed run resumes, so an interrupted sweep completes as if it had not
 been. Writes summary.md, summary.csv and grid_heatmap.png.
+
+`--devices cuda:0,cuda:1` runs a stage's independent runs (the grid's, the context study's) at
+once, one per device; each stage still waits for all its runs before choosing its best, and the
+runs share the ledger (its appends are locked). Without it, runs go one at a time on train.py's
+default device.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
+import queue
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import data
 import flops
@@ -89,6 +99,25 @@ def number_list(kind: type, low: float, strict: bool = False):
     return parse
 
 
+def device_list(text: str) -> list[str]:
+    """--devices: comma-separated torch device names, each one a worker slot (cpu may repeat)."""
+    items = [x.strip() for x in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of devices like cuda:0,cuda:1, got {text!r}")
+    for item in items:
+        try:
+            device = torch.device(item)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(
+                f"expected devices like cpu, cuda:0 or mps, got {item!r}") from None
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{item}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "name devices from cuda:0 up, or cpu")
+    return items
+
+
 def batch_size(text: str) -> str:
     """evaluate.py's --batch-size: 'auto' or an integer ≥ 1 (passed on as written)."""
     return text if text == "auto" else str(number(int, 1)(text))
@@ -120,6 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensorboard", action="store_true",
                    help="train.py --tensorboard for every run (logs in each run folder)")
     p.add_argument("--extra", default="", help="extra flags for train.py, e.g. '--dtype fp32'")
+    p.add_argument("--devices", type=device_list,
+                   help="run each stage's runs concurrently, one per device, e.g. cuda:0,cuda:1 "
+                        "(default: one at a time on train.py's default device)")
     return p.parse_args(argv)
 
 
@@ -166,8 +198,13 @@ def run(cmd: list[str]) -> int:
     return subprocess.call([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
 
 
+def device_flag(device: str | None) -> list[str]:
+    """The --device a child runs on; none: the script's own default."""
+    return [] if device is None else ["--device", device]
+
+
 def train_command(args: argparse.Namespace, run_dir: Path, rank: int, lr: float, context: int,
-                  steps: int) -> list[str]:
+                  steps: int, device: str | None = None) -> list[str]:
     cmd = ["train.py", "--model", args.model, "--data", args.data, "--ledger", args.ledger,
            "--out", str(run_dir), "--rank", str(rank), "--lr", str(lr),
            "--context-length", str(context), "--stride", str(min(MAX_STRIDE, context)),
@@ -179,10 +216,10 @@ def train_command(args: argparse.Namespace, run_dir: Path, rank: int, lr: float,
         cmd.append("--tensorboard")
     if (run_dir / "state.pt").exists():
         cmd.append("--resume")
-    return cmd + args.extra.split()
+    return cmd + device_flag(device) + args.extra.split()
 
 
-def eval_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
+def eval_command(args: argparse.Namespace, run_dir: Path, device: str | None = None) -> list[str]:
     cmd = ["evaluate.py", "--model", args.model, "--data", args.data, "--ledger", args.ledger,
            "--flops-budget", str(args.flops_budget), "--adapter", str(run_dir / "adapter"),
            "--out", str(run_dir / "eval"), "--split", "val",
@@ -191,17 +228,19 @@ def eval_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
         cmd += ["--batch-size", args.eval_batch_size]
     if args.eval_limit:
         cmd += ["--limit", str(args.eval_limit)]
-    return cmd
+    return cmd + device_flag(device)
 
 
 def train_and_eval(args: argparse.Namespace, name: str, rank: int, lr: float, context: int,
-                   steps: int) -> dict | None:
-    """One experiment; returns its validation metrics, or None when the budget refused it."""
+                   steps: int, device: str | None = None) -> dict | None:
+    """One experiment on `device` (None: the scripts' default); returns its validation
+    metrics, or None when the budget refused it."""
     run_dir = Path(args.out) / name
     metrics_path = run_dir / "eval" / "metrics.json"
     if not metrics_path.exists():
-        for script, cmd in (("train.py", train_command(args, run_dir, rank, lr, context, steps)),
-                            ("evaluate.py", eval_command(args, run_dir))):
+        train = train_command(args, run_dir, rank, lr, context, steps, device)
+        for script, cmd in (("train.py", train),
+                            ("evaluate.py", eval_command(args, run_dir, device))):
             code = run(cmd)
             if code == BUDGET_EXIT:
                 print(f"sweep: {name}: {script} refused: the budget would be exceeded")
@@ -212,6 +251,81 @@ def train_and_eval(args: argparse.Namespace, name: str, rank: int, lr: float, co
     row = {"name": name, "stage": name.split("-")[0], "rank": rank, "lr": lr, "context": context,
            "steps": steps}
     return row | {k: metrics.get(k) for k in SUMMARY_KEYS if k not in row}
+
+
+class Admission:
+    """Keeps concurrent runs inside the budget together. Each train.py/evaluate.py checks the
+    ledger alone, blind to what the runs beside it will still record, so two runs could each
+    fit and overrun together. A run therefore starts beside others only when the ledger plus
+    the planned FLOPs of the runs in flight plus its own fit the budget; otherwise it waits for
+    one to end. A run with none in flight starts at once and its scripts decide exactly as in a
+    sequential sweep. (What the runs in flight have already recorded counts twice: that only
+    delays a run, it never refuses one.)"""
+
+    def __init__(self, args: argparse.Namespace, cfg: Qwen2Config, evaluation: flops.Evaluation):
+        self.args, self.cfg, self.evaluation = args, cfg, evaluation
+        self.in_flight: dict[str, int] = {}  # run name → its planned FLOPs
+        self.changed = threading.Condition()
+
+    def planned(self, name: str, rank: int, context: int, steps: int) -> int:
+        """A run's training and evaluation as flops.plan_flops prices them (0: finished)."""
+        if (Path(self.args.out) / name / "eval" / "metrics.json").exists():
+            return 0
+        run = flops.Run(name.split("-")[0], steps, context, rank, batch=self.args.batch_size)
+        return flops.plan_flops(flops.Plan((run,), self.evaluation), self.cfg)["total"]
+
+    def fits(self, planned: int) -> bool:
+        ahead = flops.ledger_total(self.args.ledger) + sum(self.in_flight.values())
+        return ahead + planned <= self.args.flops_budget
+
+    @contextlib.contextmanager
+    def slot(self, name: str, planned: int):
+        with self.changed:
+            self.changed.wait_for(lambda: not self.in_flight or self.fits(planned))
+            self.in_flight[name] = planned
+        try:
+            yield
+        finally:
+            with self.changed:
+                del self.in_flight[name]
+                self.changed.notify_all()
+
+
+def run_concurrently(args: argparse.Namespace, admission: Admission, runs: list[tuple]
+                     ) -> tuple[list[dict], bool]:
+    """A stage's independent runs, each (name, rank, lr, context, steps), on a pool of worker
+    slots, one per --devices entry (one slot without it: the runs go one by one, in order).
+
+    Returns the rows of the finished runs in the order listed, and whether every run finished.
+    After a refusal (the budget) or a failure no further run starts; the runs in flight finish,
+    so their FLOPs are not spent for nothing, then a failure is raised."""
+    slots = args.devices or [None]
+    free = queue.SimpleQueue()  # the devices no run holds now
+    for device in slots:
+        free.put(device)
+    stop = threading.Event()
+
+    def one(spec: tuple) -> dict | None:
+        name, rank, _, context, steps = spec
+        with admission.slot(name, admission.planned(name, rank, context, steps)):
+            if stop.is_set():
+                return None
+            device = free.get()  # never waits: one slot per worker thread
+            try:
+                row = train_and_eval(args, *spec, device=device)
+            except BaseException:  # a failed run (SystemExit): start nothing more
+                stop.set()
+                raise
+            finally:
+                free.put(device)
+        if row is None:
+            stop.set()
+        return row
+
+    with ThreadPoolExecutor(len(slots)) as pool:
+        results = list(pool.map(one, runs))
+    rows = [row for row in results if row is not None]
+    return rows, len(rows) == len(runs)
 
 
 def score(row: dict) -> float | None:
@@ -275,30 +389,30 @@ def plot_heatmap(out: Path, grid: list[dict], ranks: list[int], lrs: list[float]
 # ----------------------------------------------------------------------------- main
 
 
-def run_stages(args: argparse.Namespace, plan: flops.Plan) -> tuple[list[dict], str]:
+def run_stages(args: argparse.Namespace, plan: flops.Plan, cfg: Qwen2Config
+               ) -> tuple[list[dict], str]:
     """Grid, context study, final run; the rows done and a note on how the sweep ended."""
+    admission = Admission(args, cfg, plan.evaluation)
     out, budget = Path(args.out), f"the budget ({args.flops_budget:.3g}) would be exceeded"
-    rows = []
-    for rank, lr in [(r, lr) for r in args.ranks for lr in args.lrs]:
-        row = train_and_eval(args, f"grid-r{rank}-lr{lr:g}", rank, lr, args.grid_context,
-                             stage_steps(plan, "grid"))
-        if row is None:
-            return rows, f"Stopped in the grid: {budget}."
-        rows.append(row)
+    grid = [(f"grid-r{rank}-lr{lr:g}", rank, lr, args.grid_context, stage_steps(plan, "grid"))
+            for rank in args.ranks for lr in args.lrs]
+    rows, finished = run_concurrently(args, admission, grid)
+    if not finished:
+        return rows, f"Stopped in the grid: {budget}."
     plot_heatmap(out, rows, args.ranks, args.lrs)
     g = best(rows)
-    for ctx in args.contexts:
-        row = train_and_eval(args, f"context-{ctx}", g["rank"], g["lr"], ctx,
-                             stage_steps(plan, "context"))
-        if row is None:
-            return rows, f"Stopped in the context study: {budget}."
-        rows.append(row)
+    contexts = [(f"context-{ctx}", g["rank"], g["lr"], ctx, stage_steps(plan, "context"))
+                for ctx in args.contexts]
+    context_rows, finished = run_concurrently(args, admission, contexts)
+    rows += context_rows
+    if not finished:
+        return rows, f"Stopped in the context study: {budget}."
     b = best(rows)
-    row = train_and_eval(args, "final", b["rank"], b["lr"], b["context"],
-                         stage_steps(plan, "final"))
-    if row is None:
+    final = [("final", b["rank"], b["lr"], b["context"], stage_steps(plan, "final"))]
+    final_rows, finished = run_concurrently(args, admission, final)
+    if not finished:
         return rows, f"Stopped before the final run: {budget}."
-    return rows + [row], "All stages finished within the budget."
+    return rows + final_rows, "All stages finished within the budget."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     # the sweep's flags (its grid, for report.py) and the code that ran it
     atomic_write_text(Path(args.out) / "sweep.json", json.dumps(
         vars(args) | {"provenance": provenance()}, indent=2) + "\n")
-    rows, note = run_stages(args, plan)
+    rows, note = run_stages(args, plan, cfg)
     best_by = "best = lowest mse_scaled_filled (mse_scaled where a run's metrics lack it)"
     write_summary(Path(args.out), rows, f"{note} {best_by}.")
     return 0 if note.startswith("All") else BUDGET_EXIT

@@ -1,5 +1,6 @@
 """sweep.py: the whole plan end to end on a tiny model (grid → context study → final run),
-killed midway and started again, stopped cleanly by the budget, and its flags and choices.
+killed midway and started again, run two at a time (--devices cpu,cpu), stopped cleanly by the
+budget, and its flags and choices.
 
 The end-to-end sweep runs 10 child processes (train.py and evaluate.py per run): about 45 s
 of CPU, most of it each child's start (imports, tokenizer, model)."""
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import data
 import flops
@@ -118,13 +120,17 @@ def test_a_killed_sweep_started_again_ends_as_an_uninterrupted_one(tiny, finishe
     assert (out / "summary.csv").read_text() == (finished[0] / "summary.csv").read_text()
 
 
-def test_an_evaluation_refused_for_budget_stops_the_sweep_cleanly(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("devices", [[], ["--devices", "cpu,cpu"]])
+def test_an_evaluation_refused_for_budget_stops_the_sweep_cleanly(tiny, tmp_path, capsys,
+                                                                   devices):
     """The budget admits the first grid run's training but not its evaluation: evaluate.py
-    gets the sweep's budget, refuses (exit 3), and the sweep stops with a note, no traceback."""
+    gets the sweep's budget, refuses (exit 3), and the sweep stops with a note, no traceback.
+    With two devices the second grid run, which would fit the ledger alone but not beside the
+    first, waits for it (sweep.Admission), then does not start: the budget is never overrun."""
     out = tmp_path / "sweep"
     train = 2 * flops.train_step_flops(TINY, 2, 128, 2)  # what train.py plans: 3.254e10
     budget = 1.5 * train  # evaluate.py plans ≥ 4e10 for 3 series of 700 prompt tokens
-    args = sweep_args(tiny, out, "--plan", "published", "--flops-budget", str(budget))
+    args = sweep_args(tiny, out, "--plan", "published", "--flops-budget", str(budget), *devices)
     assert sweep.main(args) == sweep.BUDGET_EXIT
     printed = capsys.readouterr().out
     assert "sweep: grid-r2-lr0.001: evaluate.py refused: the budget would be exceeded" in printed
@@ -133,6 +139,7 @@ def test_an_evaluation_refused_for_budget_stops_the_sweep_cleanly(tiny, tmp_path
     assert (out / NAMES[0] / "adapter").is_dir()
     assert not (out / NAMES[0] / "eval" / "metrics.json").exists()
     assert not (out / NAMES[1]).exists()
+    assert flops.ledger_total(out / "ledger.jsonl") == train
     assert read_csv(out / "summary.csv") == []
     note = (out / "summary.md").read_text().splitlines()[-1]
     assert note == f"Stopped in the grid: the budget ({budget:.3g}) would be exceeded. {BEST_BY}"
@@ -279,3 +286,45 @@ def test_make_sweep_fits_the_plan_make_flops_prints(tmp_path):
     plan, changes = sweep.choose_plan(args, Qwen2Config(), evaluation)
     assert (plan, changes) == flops.fit_plan()
     assert [sweep.stage_steps(plan, s) for s in ("context", "final")] == [1000, 3000]
+
+
+def test_two_cpu_slots_run_a_stage_at_once_and_end_as_the_sequential_sweep(tiny, finished,
+                                                                         tmp_path):
+    """--devices cpu,cpu: two train.py/evaluate.py pairs at a time, each given --device cpu.
+    Training is deterministic, so summary.csv is the sequential sweep's. Overlap without a
+    clock: the ledger is appended in time order, so a record of one grid run written between
+    the first and last records of the other proves both were in flight together (one at a
+    time, each run's records are contiguous)."""
+    out = tmp_path / "sweep"
+    log = tmp_path / "log.txt"
+    proc = start_sweep(sweep_args(tiny, out, "--devices", "cpu,cpu"), log)
+    assert proc.wait(timeout=600) == 0, log.read_text()
+    assert (out / "summary.csv").read_text() == (finished[0] / "summary.csv").read_text()
+    assert [json.loads((out / n / "config.json").read_text())["device"] for n in NAMES] == \
+        ["cpu"] * len(NAMES)
+    owners = [Path(r["name"]).relative_to(out).parts[0] for r in
+              flops.read_ledger(out / "ledger.jsonl")]
+
+    def span(name: str) -> range:
+        where = [i for i, owner in enumerate(owners) if owner == name]
+        return range(where[0], where[-1] + 1)
+
+    for stage in (NAMES[:2], NAMES[2:4]):
+        a, b = (span(name) for name in stage)
+        assert set(a) & set(b), (stage, owners)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("cpu,", "expected a comma-separated list of devices like cuda:0,cuda:1, got 'cpu,'"),
+    ("cpu,,cpu", "expected a comma-separated list of devices like cuda:0,cuda:1, got 'cpu,,cpu'"),
+    ("gpu0", "expected devices like cpu, cuda:0 or mps, got 'gpu0'"),
+    ("cpu,cuda:x", "expected devices like cpu, cuda:0 or mps, got 'cuda:x'"),
+    ("cuda:99", f"cuda:99: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "name devices from cuda:0 up, or cpu"),
+])
+def test_bad_devices_are_a_one_line_error(value, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        sweep.main(["--devices", value])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        f"sweep.py: error: argument --devices: {expected} (see python sweep.py --help)\n")
