@@ -306,7 +306,9 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
                 grammar=None if args.unconstrained else grammar, n_steps=args.forecast_steps,
                 samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                 seeds=torch.arange(sl.start, sl.stop, dtype=torch.int64) + args.seed,
-                return_logits=not args.samples)
+                return_logits=not args.samples,
+                # CUDA: decode steps as one CUDA graph each (qwen_min/compiled.py); same count
+                compiled_decode=device.type == "cuda")
             first = (prompt_last_logits(model, cache, ids, mask) if args.samples
                      else step_logits[:, 0])
             tf_ce += teacher_forced_ce(model, cache, mask, targets[sl], first)
