@@ -232,10 +232,13 @@ def teacher_forced_ce(model, cache, prompt_mask, targets, first_logits) -> list[
     return out
 
 
-def generation_ce(step_logits: torch.Tensor, target: list[int]) -> float:
+def generation_ce(step_logits: torch.Tensor, row: torch.Tensor, target: list[int]) -> float:
     """Cross-entropy of the generation's own per-step scores against the true tokens (the
-    coursework's validation loss); compared over the shorter of the two sequences."""
-    n = min(len(target), step_logits.shape[0])
+    coursework's validation loss); compared over the shorter of the two sequences. A row that
+    finished before the batch did is filled with PAD_ID after its last step: the logits of
+    those steps (it was fed its final ';' again) are not its own, so they are left out."""
+    written = int((row != data.PAD_ID).sum())  # the fill follows the row's own tokens
+    n = min(len(target), written)
     target_ids = torch.tensor(target[:n], device=step_logits.device)
     return cross_entropy(step_logits[:n], target_ids).item()
 
@@ -246,18 +249,22 @@ def lora_settings(model) -> dict:
             "lora_targets": sorted({m.flop_name for m in lora})}
 
 
-def auto_batch_size(model, device: torch.device, rows_per_series: int, positions: int,
-                    new_tokens: int, keep_logits: bool) -> int:
+def auto_batch_size(model, device: torch.device, samples: int, positions: int,
+                    new_tokens: int) -> int:
     """Series per batch: on CUDA as many as fit in 70% of the free memory, counting per series
-    its KV cache (fp32, prompt + generated positions, for each sampled row) and the kept fp32
-    logits (every generated step); 1 GiB is set aside for the activations. On CPU 16: larger
-    batches only add cache misses there."""
+    its KV caches (fp32, prompt + generated positions) and, greedy, the kept fp32 logits (every
+    generated step); 1 GiB is set aside for the activations. Sampled, no logits are kept, but
+    three caches are alive at once: the prompt's (1 row, kept for the teacher-forced pass),
+    the expanded one (N rows) and the expansion's temporary copy of the prompt (N rows, bounded
+    by the full length here). On CPU 16: larger batches only add cache misses there."""
     if device.type != "cuda":
         return CPU_BATCH
     cfg = model.cfg
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * positions * 4
-    logits = new_tokens * cfg.vocab_size * 4 if keep_logits else 0
-    per_series = rows_per_series * (kv + logits)
+    if samples:
+        per_series = (2 * samples + 1) * kv
+    else:
+        per_series = kv + new_tokens * cfg.vocab_size * 4
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, int((0.7 * free - 2**30) // per_series))
 
@@ -286,7 +293,7 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
     size = args.batch_size
     if size == "auto":
         positions = max(map(len, prompts)) + max(new_tokens, max(map(len, targets)))
-        size = auto_batch_size(model, device, S, positions, new_tokens, not args.samples)
+        size = auto_batch_size(model, device, args.samples, positions, new_tokens)
     batches = [slice(b, min(b + size, len(prompts))) for b in range(0, len(prompts), size)]
     # under the grammar, sampling draws from its tokens only (qwen_min.generate)
     sample_tokens = None if args.unconstrained else len(grammar.token_ids)
@@ -313,7 +320,8 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
                      else step_logits[:, 0])
             tf_ce += teacher_forced_ce(model, cache, mask, targets[sl], first)
             if not args.samples:
-                gen_ce += [generation_ce(step_logits[j], t) for j, t in enumerate(targets[sl])]
+                gen_ce += [generation_ce(step_logits[j], tokens[j], t)
+                           for j, t in enumerate(targets[sl])]
         for r, row in enumerate(tokens.tolist()):  # rows are series-major: b·S + s
             text = text_of(tokenizer, row)
             values[sl.start + r // S, r % S] = scaler.decode(text, n_steps=args.forecast_steps)[0]

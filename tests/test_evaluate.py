@@ -322,14 +322,27 @@ def test_sampled_constrained_ledger_equals_the_closed_form(setup, adapter, tmp_p
     assert sum(r["flops"] for r in records) == m["flops"] > 0 and m["parse_failure_rate"] == 0
 
 
+def test_generation_ce_stops_at_the_rows_own_end(setup):
+    """A row that finished at step 2 (then PAD fill) is scored on its 2 steps only: the logits
+    after them, made while it was fed its last token again, are not its forecast's."""
+    V = load_model(setup[0]).cfg.vocab_size
+    target = [16, 17, 18, 19]
+    logits = torch.zeros(4, V)
+    logits[2:, 16] = 50.0  # garbage after the row's end, far from the targets
+    row = torch.tensor([16, 26, data.PAD_ID, data.PAD_ID])
+    # two steps of uniform logits: −log(1/V) each
+    assert evaluate.generation_ce(logits, row, target) == pytest.approx(math.log(V), rel=1e-6)
+
+
 def test_auto_batch_size_fits_free_cuda_memory(setup, monkeypatch):
     """Per series, fp32: KV cache 2·layers·n_kv·head_dim·positions·4 = 2·2·2·16·100·4 =
-    51,200 bytes per row, logits 10·151,936·4 = 6,077,440 bytes; 70% of 10 GiB − 1 GiB."""
+    51,200 bytes per row, logits 10·151,936·4 = 6,077,440 bytes; 70% of 10 GiB − 1 GiB.
+    Sampled (8): the prompt's cache, the 8 expanded rows and the expansion's 8-row copy."""
     model = load_model(setup[0])
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
     cuda = torch.device("cuda")
-    greedy = evaluate.auto_batch_size(model, cuda, 1, 100, 10, keep_logits=True)
+    greedy = evaluate.auto_batch_size(model, cuda, 0, 100, 10)
     assert greedy == (0.7 * 10 * 2**30 - 2**30) // (51_200 + 6_077_440) == 1051
-    sampled = evaluate.auto_batch_size(model, cuda, 8, 100, 10, keep_logits=False)
-    assert sampled == (0.7 * 10 * 2**30 - 2**30) // (8 * 51_200) == 15728
-    assert evaluate.auto_batch_size(model, torch.device("cpu"), 8, 100, 10, True) == 16
+    sampled = evaluate.auto_batch_size(model, cuda, 8, 100, 10)
+    assert sampled == (0.7 * 10 * 2**30 - 2**30) // (17 * 51_200) == 7401
+    assert evaluate.auto_batch_size(model, torch.device("cpu"), 8, 100, 10) == 16
