@@ -20,6 +20,7 @@ Run as a script to simulate the default dataset: `python data.py --out data/lotk
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import math
 import re
@@ -214,6 +215,15 @@ def summary(trajectories: np.ndarray) -> str:
 # ---------------------------------------------------------------------------------------------
 # Split
 # ---------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256: an adapter records it, so that its data file can be recognised."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def split_indices(n_systems: int, seed: int = 42) -> dict[str, np.ndarray]:

@@ -552,6 +552,12 @@ def main(argv=None) -> int:
                         "adapter written by train.py?")
         if problem := encoding_from_adapter(args, metadata, f"{args.adapter}/qwen_min.json"):
             return fail(problem)
+        # its split seed and α mean something only for the file it was trained on
+        trained_on = metadata.get("data_sha256")
+        if trained_on and trained_on != data.file_sha256(args.data):
+            return fail(f"--data {args.data} is not the file {args.adapter} was trained on (its "
+                        "SHA-256 differs from the adapter's qwen_min.json): evaluate it on that "
+                        "file, or its validation series may be ones it trained on")
         scaler = data.LLMTimeScaler.from_dict(metadata["scaler"])
     fill_encoding_defaults(args)
     split = data.split_indices(len(trajectories), seed=args.split_seed)

@@ -15,7 +15,6 @@ pass, from the model's own hooks) to the ledger, so a killed run's FLOPs stay co
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import math
@@ -168,14 +167,6 @@ class RunError(Exception):
 # ----------------------------------------------------------------------------- data
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def prepare_windows(args, tokenizer) -> tuple[data.LLMTimeScaler, dict, dict]:
     """Train windows and a fixed validation subset, with the scaler fitted on train only."""
     trajectories, _ = data.load_trajectories(args.data)
@@ -260,7 +251,8 @@ def save_state(run: Path, progress: Progress, model, optimizer) -> None:
         "lora": {k: v.detach().cpu() for k, v in lora_parameters(model).items()},
         "optimizer": optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's GPU only: a resume on a machine with other GPUs still reads it
+        "cuda_rng": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
     }, buf)
     atomic_write_bytes(run / "state.pt", buf.getvalue())
 
@@ -300,7 +292,7 @@ def restore(state: dict, path: Path, model, optimizer) -> Progress:
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+        torch.cuda.set_rng_state(state["cuda_rng"][0])
     return Progress(**{f.name: state[f.name] for f in fields(Progress)})
 
 
@@ -529,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: the ledger has its record, state.pt is intact
+        print(f"aborted; continue with  python train.py --out {args.out} --resume",
+              file=sys.stderr)
+        return 130
     finally:
         distributed.shutdown(world)
 
@@ -575,9 +571,9 @@ def run_training(args: argparse.Namespace, world: distributed.World) -> int:
     model.to(device).train()
     optimizer = torch.optim.Adam(list(lora_parameters(model).values()), lr=args.lr)
 
-    data_sha256 = file_sha256(args.data)
-    if args.resume:
-        config = check_resume_config(run, args, data_sha256)
+    data_sha256 = data.file_sha256(args.data)
+    if args.resume:  # config.json then records the flags a resume may change (--steps, ...)
+        config = check_resume_config(run, args, data_sha256) | vars(args)
         progress = restore(read_state(run / "state.pt"), run / "state.pt", model, optimizer)
         if world.is_main:
             truncate_metrics(run / "metrics.jsonl", progress.step)
@@ -593,8 +589,8 @@ def run_training(args: argparse.Namespace, world: distributed.World) -> int:
     if progress.stopped_early or progress.step >= args.steps:
         if world.is_main:
             write_config(run, config | {"stopped": stop_record(progress, args)})
-        print(f"{run}: already stopped at step {progress.step} "
-              f"({stop_record(progress, args)['why']}); nothing to do")
+            print(f"{run}: already stopped at step {progress.step} "
+                  f"({stop_record(progress, args)['why']}); nothing to do")
         return 0
 
     start, B, L = progress.step, args.batch_size, args.context_length
@@ -643,6 +639,7 @@ def run_training(args: argparse.Namespace, world: distributed.World) -> int:
                 scalars = {"train/loss": loss, "train/lr": lr,
                            "train/tokens_per_s": B * L / (time.time() - t_step)}
                 record = {"step": progress.step, "loss": loss, "lr": lr}
+                new_best = False
                 if args.eval_every and progress.step % args.eval_every == 0:
                     # rank 0 validates; the sum hands its loss to every rank (the others add 0),
                     # so all ranks take the same early-stopping decision
@@ -651,15 +648,16 @@ def run_training(args: argparse.Namespace, world: distributed.World) -> int:
                     val_loss = distributed.all_reduce_sum(world, val_loss)
                     n_flops += distributed.all_reduce_sum(world, eval_flops)
                     record["val_loss"] = scalars["val/loss"] = val_loss
-                    if (progress.validated(val_loss, progress.step) and args.early_stop
-                            and world.is_main):
-                        save_adapter(model, run / "adapter", args.model, metadata | {
-                            "step": progress.step, "val_loss": val_loss})
+                    new_best = progress.validated(val_loss, progress.step) and args.early_stop
                     progress.stopped_early = bool(
                         args.early_stop and progress.evals_since_best >= args.early_stop)
                 progress.flops += n_flops
                 session_flops += n_flops
                 ledger.add(n_flops)
+                if new_best and world.is_main:  # as at a checkpoint: the ledger, then adapter/
+                    ledger.record(progress.step)
+                    save_adapter(model, run / "adapter", args.model, metadata | {
+                        "step": progress.step, "val_loss": val_loss})
                 record |= {"flops": progress.flops, "seconds": round(time.time() - t0, 3)}
                 if world.is_main:
                     append_jsonl(run / "metrics.jsonl", record)

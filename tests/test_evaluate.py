@@ -272,6 +272,23 @@ def test_a_flag_contradicting_the_adapter_is_an_error(setup, adapter, tmp_path, 
     assert capsys.readouterr().err == message.format(adapter) + "\n"
 
 
+def test_an_adapter_trained_on_another_data_file_is_an_error(setup, tmp_path, capsys):
+    """The adapter's split seed and α belong to the file it was trained on (its SHA-256 in
+    qwen_min.json); another --data would make its training series 'validation' ones."""
+    ckpt, h5, _ = setup
+    model = load_model(ckpt)
+    apply_lora(model, rank=2)
+    folder = tmp_path / "adapter"
+    save_adapter(model, folder, str(ckpt), {"scaler": {"alpha": 2.0, "decimals": 2},
+                                            "train_config": {"split_seed": 42, "decimals": 2},
+                                            "data_sha256": "0" * 64})
+    assert evaluate.main(base_args(setup, tmp_path, "--adapter", str(folder))) == 2
+    assert capsys.readouterr().err == (
+        f"error: --data {h5} is not the file {folder} was trained on (its SHA-256 differs from "
+        "the adapter's qwen_min.json): evaluate it on that file, or its validation series may "
+        "be ones it trained on\n")
+
+
 def greedy_generate(model, ids, max_new_tokens, mask, eos_token_id=None, cache=None, **api):
     """qwen_min.generate's plain greedy loop under evaluate.py's call (every token written)."""
     return generate(model, ids, max_new_tokens, mask, cache=cache)
