@@ -265,6 +265,7 @@ class Admission:
     def __init__(self, args: argparse.Namespace, cfg: Qwen2Config, evaluation: flops.Evaluation):
         self.args, self.cfg, self.evaluation = args, cfg, evaluation
         self.in_flight: dict[str, int] = {}  # run name → its planned FLOPs
+        self.turn = 0  # the index, in the stage's list, of the next run to admit
         self.changed = threading.Condition()
 
     def planned(self, name: str, rank: int, context: int, steps: int) -> int:
@@ -279,10 +280,15 @@ class Admission:
         return ahead + planned <= self.args.flops_budget
 
     @contextlib.contextmanager
-    def slot(self, name: str, planned: int):
+    def slot(self, index: int, name: str, planned: int):
+        """Admit run `index` of the stage: in the listed order, so the runs start (and a budget
+        refusal falls) as in a sequential sweep, whichever worker thread asks first."""
         with self.changed:
-            self.changed.wait_for(lambda: not self.in_flight or self.fits(planned))
+            self.changed.wait_for(lambda: self.turn == index
+                                  and (not self.in_flight or self.fits(planned)))
             self.in_flight[name] = planned
+            self.turn += 1
+            self.changed.notify_all()
         try:
             yield
         finally:
@@ -305,9 +311,9 @@ def run_concurrently(args: argparse.Namespace, admission: Admission, runs: list[
         free.put(device)
     stop = threading.Event()
 
-    def one(spec: tuple) -> dict | None:
+    def one(index: int, spec: tuple) -> dict | None:
         name, rank, _, context, steps = spec
-        with admission.slot(name, admission.planned(name, rank, context, steps)):
+        with admission.slot(index, name, admission.planned(name, rank, context, steps)):
             if stop.is_set():
                 return None
             device = free.get()  # never waits: one slot per worker thread
@@ -322,8 +328,9 @@ def run_concurrently(args: argparse.Namespace, admission: Admission, runs: list[
             stop.set()
         return row
 
+    admission.turn = 0
     with ThreadPoolExecutor(len(slots)) as pool:
-        results = list(pool.map(one, runs))
+        results = list(pool.map(one, range(len(runs)), runs))
     rows = [row for row in results if row is not None]
     return rows, len(rows) == len(runs)
 
