@@ -22,20 +22,18 @@ closed form.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import model as model_module
 from .model import (
     FlopCounter,
     KVCache,
     Qwen2ForCausalLM,
     count_flops,
+    paused_counting,
     rope_cos_sin,
 )
 from .runtime import autocast
@@ -277,25 +275,15 @@ class CompiledDecodeStep:
         whole mask (prompt padding 0, every generated slot 1): slots after this one are masked
         here. Returns the logits (B, V) of the next token."""
         self.position.fill_(self.cache.length)
-        with counting_paused() as counter:
+        # with a counter active every step recompiled (the recompile limit was hit in one
+        # generate): the graph runs uncounted and the step is counted below
+        with paused_counting() as counter:
             logits = self.compiled(tokens, attention_mask, self.position, self.cache.k,
                                    self.cache.v)
         if counter is not None:  # the reference step attends over this token and those before
             self.flops.add_to(counter, tokens.shape[0], self.cache.length + 1)
         self.cache.length += 1
         return logits
-
-
-@contextmanager
-def counting_paused() -> Iterator[FlopCounter | None]:
-    """The active count_flops() counter (or None), set aside while a compiled graph runs:
-    with a counter active, dynamo traces the hooks' updates of it and guards on its values,
-    so every step recompiles (measured: the recompile limit is hit within one generate)."""
-    counter, model_module._counter = model_module._counter, None
-    try:
-        yield counter
-    finally:
-        model_module._counter = counter
 
 
 class DecodeStepFlops:

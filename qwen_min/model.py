@@ -127,6 +127,19 @@ def count_flops() -> Iterator[FlopCounter]:
         _counter = outer
 
 
+@contextmanager
+def paused_counting() -> Iterator[FlopCounter | None]:
+    """Set the active counter (or None) aside, and yield it: for code whose FLOPs are counted
+    outside the hooks, e.g. a compiled graph (qwen_min/compiled.py), where dynamo would trace
+    the hooks' updates of the counter and recompile at every call."""
+    global _counter
+    outer, _counter = _counter, None
+    try:
+        yield outer
+    finally:
+        _counter = outer
+
+
 def add_flops(name: str, n: int) -> None:
     """The hook. With no counter active it is one global read: nothing measurable."""
     if _counter is not None:
