@@ -33,7 +33,14 @@ from tqdm import tqdm
 import data
 import flops
 from lora import apply_lora, lora_parameters, save_adapter
-from qwen_min import CheckpointError, count_flops, distributed, load_model, load_tokenizer
+from qwen_min import (
+    CheckpointError,
+    count_flops,
+    distributed,
+    load_model,
+    load_tokenizer,
+    padding_mask_or_none,
+)
 from qwen_min.compiled import CompiledTrainStep, use_compile_cache
 from qwen_min.loading import DEFAULT_MODEL
 from qwen_min.runtime import (
@@ -187,11 +194,11 @@ def device_batch(windows: dict, rows, device) -> dict:
     """Rows of a window dict on `device`. A batch without padding gets attention_mask None:
     the model then runs plain causal attention (SDPA's is_causal, the fast path); deciding it
     here on the CPU tensor costs no device synchronisation."""
-    mask = windows["attention_mask"][rows]
+    mask = padding_mask_or_none(windows["attention_mask"][rows])
     return {
         "input_ids": windows["input_ids"][rows].to(device),
         "labels": windows["labels"][rows].to(device),
-        "attention_mask": None if bool(mask.all()) else mask.to(device),
+        "attention_mask": None if mask is None else mask.to(device),
     }
 
 
