@@ -223,7 +223,7 @@ def teacher_forced_ce(model, cache, prompt_mask, targets, first_logits) -> list[
     for i, t in enumerate(targets):  # right-padded: the targets follow the prompt directly
         ids[i, : len(t)], mask[i, : len(t)] = torch.tensor(t), 1
     cache.rewind(T)
-    h = model.hidden_states(ids[:, :-1], torch.cat([prompt_mask, mask[:, :-1]], 1), cache)
+    h = model.model(ids[:, :-1], torch.cat([prompt_mask, mask[:, :-1]], 1), cache)
     out = []
     for i, t in enumerate(targets):
         # position j of the target block predicts target token j+1

@@ -48,7 +48,8 @@ import data
 import flops
 from qwen_min import CheckpointError
 from qwen_min.loading import DEFAULT_MODEL, load_config, resolve_checkpoint
-from qwen_min.model import ConfigError, Qwen2Config
+from qwen_min.loading import ConfigError
+from qwen_min.model import Qwen2Config
 from qwen_min.runtime import atomic_write_bytes, atomic_write_text, provenance
 
 HERE = Path(__file__).resolve().parent

@@ -39,7 +39,6 @@ from qwen_min import (
     distributed,
     load_model,
     load_tokenizer,
-    padding_mask_or_none,
 )
 from qwen_min.compiled import CompiledTrainStep, use_compile_cache
 from qwen_min.loading import DEFAULT_MODEL
@@ -191,15 +190,8 @@ def prepare_windows(args, tokenizer) -> tuple[data.LLMTimeScaler, dict, dict]:
 
 
 def device_batch(windows: dict, rows, device) -> dict:
-    """Rows of a window dict on `device`. A batch without padding gets attention_mask None:
-    the model then runs plain causal attention (SDPA's is_causal, the fast path); deciding it
-    here on the CPU tensor costs no device synchronisation."""
-    mask = padding_mask_or_none(windows["attention_mask"][rows])
-    return {
-        "input_ids": windows["input_ids"][rows].to(device),
-        "labels": windows["labels"][rows].to(device),
-        "attention_mask": None if mask is None else mask.to(device),
-    }
+    """Rows of a window dict on `device`."""
+    return {k: windows[k][rows].to(device) for k in ("input_ids", "labels", "attention_mask")}
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:

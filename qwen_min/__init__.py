@@ -1,17 +1,10 @@
 """qwen-min: a compact, from-scratch PyTorch Qwen2.5-0.5B-Instruct."""
 
+from .counting import FlopCounter, count_flops
+from .fast import use_fast_paths
 from .generate import generate
-from .loading import CheckpointError, load_config, load_model, load_tokenizer
-from .model import (
-    ConfigError,
-    FlopCounter,
-    KVCache,
-    LoRALinear,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    count_flops,
-    padding_mask_or_none,
-)
+from .loading import CheckpointError, ConfigError, load_config, load_model, load_tokenizer
+from .model import KVCache, LoRALinear, Qwen2Config, Qwen2ForCausalLM
 
 __all__ = [
     "CheckpointError",
@@ -26,5 +19,5 @@ __all__ = [
     "load_config",
     "load_model",
     "load_tokenizer",
-    "padding_mask_or_none",
+    "use_fast_paths",
 ]

@@ -28,14 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import (
-    FlopCounter,
-    KVCache,
-    Qwen2ForCausalLM,
-    count_flops,
-    paused_counting,
-    rope_cos_sin,
-)
+from .counting import FlopCounter, count_flops, paused_counting
+from .model import KVCache, Qwen2ForCausalLM, rope_cos_sin
 from .runtime import autocast
 
 # ----------------------------------------------------------------------------- compile cache
@@ -64,8 +58,8 @@ def chunked_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024
 ) -> torch.Tensor:
     """mean cross_entropy(h Wᵀ, targets) over targets ≠ −100, `chunk_rows` rows of logits at a
-    time; h (N, d), weight (V, d), targets (N,). The function of model.linear_cross_entropy in
-    plain differentiable ops (its autograd.Function cannot be traced by torch.func). The loop
+    time; h (N, d), weight (V, d), targets (N,). The function of fast.chunked_linear_cross_entropy
+    in plain differentiable ops (its autograd.Function cannot be traced by torch.func). The loop
     has a fixed trip count for fixed shapes, so it unrolls into the graph."""
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h.shape[0], chunk_rows):
@@ -87,7 +81,7 @@ class _StepLoss(nn.Module):
         with autocast(self.device, self.dtype):
             # always the masked path (no host-side "is anything padded?" check), so one graph
             # serves padded and unpadded batches; an all-ones mask gives the function of None
-            h = self.model.hidden_states(input_ids, attention_mask)  # (B, T, d)
+            h = self.model.model(input_ids, attention_mask)  # (B, T, d), before the head
             d = h.shape[-1]
             h = h[:, :-1].reshape(-1, d)  # (B·(T−1), d): position t predicts label t+1
             return chunked_cross_entropy(h, self.model.lm_head.weight, labels[:, 1:].reshape(-1))
@@ -282,7 +276,7 @@ class CompiledDecodeStep:
                                    self.cache.v)
         if counter is not None:  # the reference step attends over this token and those before
             self.flops.add_to(counter, tokens.shape[0], self.cache.length + 1)
-        self.cache.length += 1
+        self.cache.advance(1)
         return logits
 
 

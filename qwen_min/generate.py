@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from .compiled import CompiledDecodeStep
+from .counting import add_flops
 from .grammar import QWEN2_SEMICOLON_ID, LLMTimeGrammar
-from .model import KVCache, Qwen2ForCausalLM, add_flops
+from .model import KVCache, Qwen2ForCausalLM
 
 QWEN2_EOS_ID = 151643  # <|endoftext|>, Qwen2's padding token (data.PAD_ID): the default fill
 
@@ -45,10 +46,28 @@ def prefill(model: Qwen2ForCausalLM, input_ids: torch.Tensor, mask: torch.Tensor
     B, T = input_ids.shape
     rows = [slice(r, r + prefill_rows) for r in range(0, B, prefill_rows)]
     logits = torch.cat(
-        [model(input_ids[r], mask[r], cache.rows(r), last_only=True) for r in rows]
+        [model(input_ids[r], mask[r], CacheRows(cache, r), last_only=True) for r in rows]
     )[:, -1]  # (B, 1, V) → (B, V)
-    cache.length = T  # each row view advanced its own length
+    cache.advance(T)  # the views wrote the T positions of their rows; the cache has them all
     return logits
+
+
+class CacheRows:
+    """Batch rows `rows` of a KVCache for a forward pass over those rows only: what it writes
+    lands in the cache, its `length` is the cache's, and its `advance` does nothing, so the
+    cache advances once, after the last rows' pass."""
+
+    update = KVCache.update
+
+    def __init__(self, cache: KVCache, rows: slice):
+        self.cache, self.k, self.v = cache, cache.k[:, rows], cache.v[:, rows]
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def advance(self, n: int) -> None:
+        pass
 
 
 def expand_cache(cache: KVCache, model: Qwen2ForCausalLM, n: int) -> KVCache:
@@ -59,7 +78,7 @@ def expand_cache(cache: KVCache, model: Qwen2ForCausalLM, n: int) -> KVCache:
     out = KVCache(model.cfg, rows, room, cache.k.dtype, cache.k.device)
     out.k[:, :, :, : cache.length] = k.repeat_interleave(n, dim=1)  # (layers, B·n, n_kv, T, hd)
     out.v[:, :, :, : cache.length] = cache.v[:, :, :, : cache.length].repeat_interleave(n, dim=1)
-    out.length = cache.length
+    out.advance(cache.length)
     return out
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
+from .fast import use_fast_paths
 from .model import Qwen2Config, Qwen2ForCausalLM
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -24,6 +26,46 @@ SNAPSHOT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be found, downloaded or loaded; the message says what to do."""
+
+
+class ConfigError(ValueError):
+    """config.json asks for something this implementation does not do."""
+
+
+def config_from_dict(d: dict, source: str = "config.json") -> Qwen2Config:
+    """Read both config.json forms: the official one (top-level `rope_theta`, `torch_dtype`)
+    and transformers ≥ 5 (`rope_parameters`, `dtype`, `layer_types`); reject what plain Qwen2
+    (qwen_min.model) does not compute."""
+
+    def reject(field: str, why: str):
+        raise ConfigError(f"{source}: {field}: {why}; qwen-min implements plain Qwen2 only")
+
+    if d.get("model_type") != "qwen2":
+        reject("model_type", f"expected 'qwen2', got {d.get('model_type')!r}")
+    if d.get("use_sliding_window"):
+        reject("use_sliding_window", "sliding-window attention is not supported")
+    if any(t != "full_attention" for t in d.get("layer_types") or []):
+        reject("layer_types", f"expected only 'full_attention', got {d['layer_types']}")
+    if d.get("hidden_act", "silu") != "silu":
+        reject("hidden_act", f"expected 'silu', got {d['hidden_act']!r}")
+    if d.get("attention_dropout", 0.0):
+        reject("attention_dropout", f"expected 0.0, got {d['attention_dropout']}")
+    rope = dict(d.get("rope_parameters") or {})
+    rope.update(d.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        reject("rope_scaling", f"rope type {rope_type!r} is not implemented (only 'default')")
+    kw = {f.name: d[f.name] for f in fields(Qwen2Config) if f.name in d}
+    kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    kw["torch_dtype"] = d.get("dtype") or d.get("torch_dtype") or "float32"
+    cfg = Qwen2Config(**kw)
+    if cfg.hidden_size % cfg.num_attention_heads or cfg.n_rep * cfg.num_key_value_heads != (
+        cfg.num_attention_heads
+    ):
+        reject("num_attention_heads", "must divide hidden_size and be a multiple of KV heads")
+    if d.get("head_dim") not in (None, cfg.head_dim):
+        reject("head_dim", f"expected hidden_size/num_attention_heads = {cfg.head_dim}")
+    return cfg
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -54,7 +96,7 @@ def resolve_checkpoint(name_or_path: str | Path) -> Path:
 def load_config(ckpt: Path) -> Qwen2Config:
     path = ckpt / "config.json"
     try:
-        return Qwen2Config.from_dict(json.loads(path.read_text()), source=str(path))
+        return config_from_dict(json.loads(path.read_text()), source=str(path))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; a checkpoint folder needs config.json") from None
     except json.JSONDecodeError as e:
@@ -113,7 +155,8 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Qwen2ForCausalLM:
-    """Build Qwen2ForCausalLM from a local folder or hub repo id, with strict key/shape checks."""
+    """Build Qwen2ForCausalLM from a local folder or hub repo id, with strict key/shape checks,
+    and with qwen_min.fast's fast paths swapped in."""
     ckpt = resolve_checkpoint(name_or_path)
     cfg = load_config(ckpt)
     with torch.device("meta"), no_embedding_init():
@@ -135,7 +178,7 @@ def load_model(
         raise CheckpointError(f"{ckpt}: unexpected tensor(s) {unexpected[:5]} (not a Qwen2 model?)")
     model.load_state_dict(tensors, strict=False, assign=True)  # checked above, key by key
     model.tie_weights()
-    return model.eval()
+    return use_fast_paths(model).eval()
 
 
 def load_tokenizer(name_or_path: str | Path = DEFAULT_MODEL) -> Tokenizer:

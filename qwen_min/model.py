@@ -1,47 +1,40 @@
 """Qwen2, the architecture of Qwen2.5-0.5B-Instruct, in one file and in reading order:
 
-    config → FLOP hooks and Linear → RMSNorm → RoPE → masks → attention → MLP → block
-    → model → LM head and loss → KV cache → LoRA
+    config → Linear → RMSNorm → RoPE → positions and mask → attention → MLP → block → model
+    → LM head and loss → KV cache → LoRA
 
 It matches transformers' `Qwen2ForCausalLM` (modeling_qwen2.py) logit for logit: the module
 names below are the checkpoint keys (`model.layers.3.self_attn.q_proj.weight`, ...), so a
 Hugging Face safetensors file loads with no key map (see qwen_min/loading.py).
 
-Two things ride along with the architecture:
-  * FLOP hooks: every operation adds its cost, by the coursework's rules, to the active
-    `count_flops()` counter, with the rule written next to the op. Costs: add/sub/neg/mul/div 1,
-    exp/log/sqrt 10, and an (m×n)(n×p) matrix product m·p·(2n−1). flops.py is the closed form
-    of the same rules, and tests/test_flops.py proves the two agree exactly.
-  * LoRA (`LoRALinear`, last in the file): `lora.apply_lora` swaps it in for q_proj and v_proj.
+Beside each operation, one line adds its FLOPs by the coursework's rules (add/sub/neg/mul/div 1,
+exp/log/sqrt 10, an (m×n)(n×p) matrix product m·p·(2n−1)) to the counter that
+`qwen_min.counting.count_flops()` opens; with none open, the call does nothing. flops.py is the
+closed form of the same rules, and tests/test_flops.py proves the two agree exactly.
 
-docs/reading-guide.md traces one forward pass through this file with Qwen2.5-0.5B's shapes.
+This file is the plain reference. Faster versions of two of its functions (attention through
+torch's SDPA kernel, the loss in chunks) live in qwen_min/fast.py, which load_model swaps in;
+a reader can skip that module. docs/reading-guide.md traces one forward pass through this file.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused_loss import ChunkedLinearCrossEntropy
+from .counting import add_flops, add_matmul_flops
 
 # ----------------------------------------------------------------------------- config
 
 
-class ConfigError(ValueError):
-    """config.json asks for something this implementation does not do."""
-
-
 @dataclass(frozen=True)
 class Qwen2Config:
-    """The fields of a Qwen2 config.json that the architecture needs (defaults: Qwen2.5-0.5B)."""
+    """The fields of a Qwen2 config.json that the architecture needs (defaults: Qwen2.5-0.5B).
+    qwen_min.loading.config_from_dict reads and checks a config.json into one."""
 
     vocab_size: int = 151936
     hidden_size: int = 896
@@ -63,94 +56,8 @@ class Qwen2Config:
     def n_rep(self) -> int:  # query heads that share one KV head: 14 / 2 = 7
         return self.num_attention_heads // self.num_key_value_heads
 
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> Qwen2Config:
-        """Read both config.json forms: the official one (top-level `rope_theta`,
-        `torch_dtype`) and transformers ≥ 5 (`rope_parameters`, `dtype`, `layer_types`)."""
 
-        def reject(field: str, why: str):
-            raise ConfigError(f"{source}: {field}: {why}; qwen-min implements plain Qwen2 only")
-
-        if d.get("model_type") != "qwen2":
-            reject("model_type", f"expected 'qwen2', got {d.get('model_type')!r}")
-        if d.get("use_sliding_window"):
-            reject("use_sliding_window", "sliding-window attention is not supported")
-        if any(t != "full_attention" for t in d.get("layer_types") or []):
-            reject("layer_types", f"expected only 'full_attention', got {d['layer_types']}")
-        if d.get("hidden_act", "silu") != "silu":
-            reject("hidden_act", f"expected 'silu', got {d['hidden_act']!r}")
-        if d.get("attention_dropout", 0.0):
-            reject("attention_dropout", f"expected 0.0, got {d['attention_dropout']}")
-        rope = dict(d.get("rope_parameters") or {})
-        rope.update(d.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            reject("rope_scaling", f"rope type {rope_type!r} is not implemented (only 'default')")
-        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        kw["rope_theta"] = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
-        kw["torch_dtype"] = d.get("dtype") or d.get("torch_dtype") or "float32"
-        cfg = cls(**kw)
-        if cfg.hidden_size % cfg.num_attention_heads or cfg.n_rep * cfg.num_key_value_heads != (
-            cfg.num_attention_heads
-        ):
-            reject("num_attention_heads", "must divide hidden_size and be a multiple of KV heads")
-        if d.get("head_dim") not in (None, cfg.head_dim):
-            reject("head_dim", f"expected hidden_size/num_attention_heads = {cfg.head_dim}")
-        return cfg
-
-
-# ----------------------------------------------------------------------------- FLOP hooks
-
-
-class FlopCounter(Counter):
-    """FLOPs per operation name, plus Σ m·p over the matrix products (the exact difference
-    between our m·p·(2n−1) and the 2·m·n·p of torch.utils.flop_counter)."""
-
-    matmul_outputs: int = 0
-
-    @property
-    def total(self) -> int:
-        return sum(self.values())
-
-
-_counter: FlopCounter | None = None
-
-
-@contextmanager
-def count_flops() -> Iterator[FlopCounter]:
-    """`with count_flops() as c: model(x)` → c["q_proj"], c.total, ... (forward pass only)."""
-    global _counter
-    outer, _counter = _counter, FlopCounter()
-    try:
-        yield _counter
-    finally:
-        _counter = outer
-
-
-@contextmanager
-def paused_counting() -> Iterator[FlopCounter | None]:
-    """Set the active counter (or None) aside, and yield it: for code whose FLOPs are counted
-    outside the hooks, e.g. a compiled graph (qwen_min/compiled.py), where dynamo would trace
-    the hooks' updates of the counter and recompile at every call."""
-    global _counter
-    outer, _counter = _counter, None
-    try:
-        yield outer
-    finally:
-        _counter = outer
-
-
-def add_flops(name: str, n: int) -> None:
-    """The hook. With no counter active it is one global read: nothing measurable."""
-    if _counter is not None:
-        _counter[name] += int(n)
-
-
-def add_matmul_flops(name: str, batch: int, m: int, n: int, p: int) -> None:
-    # `batch` independent (m×n)(n×p) products: m·p dot products of n multiplies and n−1 adds
-    if _counter is not None:
-        _counter[name] += batch * m * p * (2 * n - 1)
-        _counter.matmul_outputs += batch * m * p
+# ----------------------------------------------------------------------------- Linear
 
 
 class Linear(nn.Linear):
@@ -222,74 +129,60 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-# ----------------------------------------------------------------------------- masks
+# ----------------------------------------------------------------------------- positions and mask
 #
-# The one place that defines masks. "mask" has three forms in this file:
+# The caller's attention_mask (B, S) covers the S = past + T positions, the cached ones and the
+# T new ones: 1 = a real token, 0 = padding (on the left); None = no padding. One function
+# turns it into the model's positions and its one mask, for every case:
 #
-#   1. attention_mask (B, S), from the caller: 1 = real token, 0 = padding (on the left), over
-#      the S = cached + new positions. A batch without padding is passed as None: the model
-#      never inspects the values to find that out, because a branch on tensor data breaks
-#      torch.compile's graph (the caller decides, with `padding_mask_or_none`), and None lets
-#      SDPA run its faster causal kernel.
-#   2. mask (B, 1, T, S), boolean, built by `attention_mask_4d`: True where query t may attend
-#      to key s. The 1 broadcasts over heads.
-#   3. mask None inside the attention: causal with no padding, which is either a prefill
-#      (T = S, query t sees keys 0..t) or one new query per row (T = 1, it sees every key).
+#   case                         attention_mask          query t (of T) sees key s (of S) if
+#   prefill, no padding          None, S = T             s ≤ t                 (causal)
+#   left padding                 0 on the left           s ≤ t and s is real
+#   after cached keys            past + T columns        s ≤ past + t and s is real
+#   decoding (T = 1)             past + 1 columns        every real key
 #
-# Positions come from form 1 too: a left-padded row's first real token is position 0.
-
-
-def padding_mask_or_none(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """For callers, outside the model: None when no position is padding (form 1's None)."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return None
-    return attention_mask
-
-
-def attention_mask_4d(key_mask: torch.Tensor, T: int) -> torch.Tensor:
-    """Form 1 (B, S) → form 2 (B, 1, T, S), for the last T of the S positions as queries.
-
-    Query i may see key j if j is at or before it and j is a real token. Every query also sees
-    itself, so a padding query's row is not all −inf (a softmax of NaNs); its output is never
-    used."""
-    S = key_mask.shape[1]
-    q_pos = torch.arange(S - T, S, device=key_mask.device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S, device=key_mask.device)[None, :]  # (1, S)
-    allowed = (k_pos <= q_pos) & key_mask.bool()[:, None, :]  # (B, T, S)
-    return (allowed | (k_pos == q_pos))[:, None]  # (B, 1, T, S)
+# Every query also sees itself, so a padding query's row is not all −inf (a softmax of NaNs);
+# its output is never used. A token's position is the number of real tokens before it, so
+# every row starts at 0 at its first real token:
+#
+#   attention_mask [0, 0, 1, 1] → cumsum − 1 = [−1, −1, 0, 1] → clamp at 0 → [0, 0, 0, 1]
+#
+# With cached keys the cumsum runs over the cached and the new columns, and the new tokens
+# take its last T values: mask [0, 1, 1 | 1] (past 3, T 1) → position [2].
 
 
 def positions_and_mask(
     attention_mask: torch.Tensor | None, B: int, T: int, past: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Position ids (B, T) of the T new tokens after `past` cached ones, and the attention's
-    mask: form 3 (None) where it suffices, else form 2."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids (B, T) of the T new tokens after `past` cached ones, and the mask
+    (B, 1, T, S): True where query t may attend to key s (the 1 broadcasts over heads)."""
     if attention_mask is None:
-        if past == 0 or T == 1:
-            return torch.arange(past, past + T, device=device).expand(B, T), None
-        # T > 1 new queries after cached keys: SDPA's is_causal would align the triangle at the
-        # top left (query 0 ↔ key 0), so the causal pattern must be spelled out
         attention_mask = torch.ones(B, past + T, dtype=torch.long, device=device)
-    # the position of a token = how many real tokens precede it
+    S = attention_mask.shape[1]
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # (B, T)
-    return positions, attention_mask_4d(attention_mask, T)
+    q_pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1): the new tokens' columns
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = (k_pos <= q_pos) & attention_mask.bool()[:, None, :]  # (B, T, S)
+    return positions, (allowed | (k_pos == q_pos))[:, None]  # (B, 1, T, S)
 
 
 # ----------------------------------------------------------------------------- attention
 #
-# Grouped-query attention (GQA): Qwen2.5-0.5B has 14 query heads but only 2 key/value heads.
-# Each KV head serves 7 consecutive query heads:
+# Grouped-query attention (GQA): Qwen2.5-0.5B has 14 query heads but only n_kv = 2 key/value
+# heads. Each KV head serves n_rep = 7 consecutive query heads:
 #
 #     query heads:  q0 q1 q2 q3 q4 q5 q6 | q7 q8 q9 q10 q11 q12 q13
 #     KV heads:            k0, v0        |             k1, v1
 #
 # So the queries (B, 14, T, hd) regroup as (B, 2, 7·T, hd): group g stacks the T query rows
-# of its 7 heads into one matrix, which multiplies k_g as it is; K and V are never copied.
+# of its 7 heads into one matrix, qg[b, g, r·T + t] = q[b, g·n_rep + r, t], which multiplies
+# k_g as it is. That is what k.repeat_interleave(n_rep, dim=1) against q would compute, head
+# g·n_rep + r meeting k_g, but K and V are never copied.
 
 
 def add_attention_flops(B: int, nh: int, T: int, S: int, hd: int) -> None:
-    """Each of the B·nh query heads, over its full T×S score block (causally masked entries
-    are computed too; the mask only selects, at no cost):
+    """Each of the B·nh query heads, over its full T×S score block (masked entries are
+    computed too; the mask only selects, at no cost):
         scores   q·kᵀ      (T×hd)(hd×S)                      T·S·(2hd − 1)
         scale    / √hd     one divide per score              T·S
         softmax  per row of S scores: S exp (10 each) + (S−1) adds + S divides = 12S − 1
@@ -301,37 +194,19 @@ def add_attention_flops(B: int, nh: int, T: int, S: int, hd: int) -> None:
     add_matmul_flops("attn_v", B * nh, T, S, hd)
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """softmax(q·kᵀ/√hd, masked)·v in plain ops: the reference, and the decoding path.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+    """softmax(q·kᵀ/√hd, where mask is False: −inf)·v for every head, in plain ops.
 
-    q: (B, nh, T, hd); k, v: (B, n_kv, S, hd); mask: form 2 or 3 (see "masks" above).
-    Runs in the precision of k and v: the KV cache's fp32 when decoding under bf16 autocast."""
+    q: (B, nh, T, hd); k, v: (B, n_kv, S, hd); mask: (B, 1, T, S) from positions_and_mask.
+    The softmax runs in fp32, as in transformers."""
     B, nh, T, hd = q.shape
-    nkv, S = k.shape[1], k.shape[2]
-    rep = nh // nkv
-    if mask is None and T > 1:  # form 3, a prefill: query t sees keys 0..t
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None, None]  # (1,1,T,S)
-    with torch.autocast(q.device.type, enabled=False):  # autocast would round k, v to bf16
-        qg = q.reshape(B, nkv, rep * T, hd).to(k.dtype)  # (B, n_kv, rep·T, hd): the regrouping
-        scores = (qg @ k.transpose(-1, -2)) / math.sqrt(hd)  # (B, n_kv, rep·T, S)
-        scores = scores.view(B, nkv, rep, T, S)  # (B, n_kv, rep, T, S)
-        if mask is not None:  # mask[:, :, None]: (B, 1, 1, T, S), the same for every head
-            scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-        weights = scores.float().softmax(-1).to(v.dtype).view(B, nkv, rep * T, S)
-        out = weights @ v  # (B, n_kv, rep·T, hd)
-    return out.view(B, nh, T, hd).to(q.dtype)  # (B, nh, T, hd)
-
-
-def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-) -> torch.Tensor:
-    """The fast path for T > 1 (prefill, training): `attention` through torch's fused kernel,
-    equal to it by tests/test_fast_paths.py. It computes in q's dtype, so an fp32 KV cache is
-    cast down first. (With T = 1 and no mask, is_causal would hide all keys but the first.)"""
-    k, v = k.to(q.dtype), v.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None, enable_gqa=True)
+    n_kv, S, n_rep = k.shape[1], k.shape[2], nh // k.shape[1]
+    qg = q.reshape(B, n_kv, n_rep * T, hd)  # (B, n_kv, n_rep·T, hd): the regrouping above
+    scores = (qg @ k.transpose(-1, -2)) / math.sqrt(hd)  # (B, n_kv, n_rep·T, S)
+    scores = scores.view(B, n_kv, n_rep, T, S)  # (B, n_kv, n_rep, T, S)
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask: (B, 1, 1, T, S)
+    weights = scores.float().softmax(-1).to(v.dtype).view(B, n_kv, n_rep * T, S)
+    return (weights @ v).view(B, nh, T, hd)  # (B, n_kv, n_rep·T, hd) → (B, nh, T, hd)
 
 
 class Qwen2Attention(nn.Module):
@@ -341,29 +216,30 @@ class Qwen2Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, hd = cfg.hidden_size, cfg.head_dim
+        nh, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         # LoRA enters here: lora.apply_lora replaces q_proj and v_proj (its default targets) by
         # LoRALinear (end of this file), which keeps this weight and adds (alpha/r)·x·Aᵀ·Bᵀ.
         # k_proj/v_proj run at their real width d → n_kv·hd (896 → 128) and are counted so
-        self.q_proj = Linear(d, cfg.num_attention_heads * hd, bias=True, flop_name="q_proj")
-        self.k_proj = Linear(d, cfg.num_key_value_heads * hd, bias=True, flop_name="k_proj")
-        self.v_proj = Linear(d, cfg.num_key_value_heads * hd, bias=True, flop_name="v_proj")
-        self.o_proj = Linear(cfg.num_attention_heads * hd, d, bias=False, flop_name="o_proj")
-        self.use_sdpa = True  # False: `attention` for every T (FlopCounterMode sees its matmuls)
+        self.q_proj = Linear(d, nh * hd, bias=True, flop_name="q_proj")
+        self.k_proj = Linear(d, n_kv * hd, bias=True, flop_name="k_proj")
+        self.v_proj = Linear(d, n_kv * hd, bias=True, flop_name="v_proj")
+        self.o_proj = Linear(nh * hd, d, bias=False, flop_name="o_proj")
+        self.attend = attention  # qwen_min.fast swaps in SDPA, the same function, faster
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         cfg, (B, T, _) = self.cfg, x.shape
-        hd, nh, nkv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        hd, nh, n_kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)  # (B, nkv, T, hd)
+        k = self.k_proj(x).view(B, T, n_kv, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, n_kv, hd).transpose(1, 2)  # (B, n_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, S, hd): the cached keys, then these T
+            k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd): the cached keys, then these T
         add_attention_flops(B, nh, T, k.shape[2], hd)
-        if self.use_sdpa and T > 1:
-            out = sdpa_attention(q, k, v, mask)
-        else:  # one query per head (decoding): on CPU the plain ops beat SDPA's kernel
-            out = attention(q, k, v, mask)
+        # precision: attention runs in v's dtype, the KV cache's if there is one (fp32 when
+        # decoding under bf16 autocast, see KVCache), else the projection's; autocast stays off
+        with torch.autocast(x.device.type, enabled=False):
+            out = self.attend(q.to(v.dtype), k.to(v.dtype), v, mask).to(q.dtype)  # (B, nh, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, nh * hd))  # (B, T, d)
 
 
@@ -426,8 +302,8 @@ class Qwen2Model(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, T) → final-normed hidden states (B, T, d).
 
-        attention_mask: form 1 (see "masks"), over the cached tokens plus these T; None for a
-        batch without padding. No branch here looks at tensor values (torch.compile)."""
+        attention_mask: (B, past + T) over the cached tokens and these T, or None (see
+        "positions and mask"). No branch here looks at tensor values (torch.compile)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         positions, mask = positions_and_mask(attention_mask, B, T, past, input_ids.device)
@@ -435,6 +311,8 @@ class Qwen2Model(nn.Module):
         cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)  # (B, T, hd) each
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)  # every layer has written these T positions
         return self.norm(x)
 
 
@@ -450,27 +328,12 @@ class Qwen2ForCausalLM(nn.Module):
         self.model = Qwen2Model(cfg)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, flop_name="lm_head")
         self.tie_weights()
+        self.head_loss = linear_cross_entropy  # qwen_min.fast swaps in a chunked equal
 
     def tie_weights(self) -> None:
         """Share one Parameter between the embedding and the LM head (no copy)."""
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-    def set_attention(self, impl: str) -> None:
-        """'sdpa' (fast, default) or 'eager' (`attention` always, for torch's FlopCounterMode)."""
-        if impl not in ("sdpa", "eager"):
-            raise ValueError(f"attention impl must be 'sdpa' or 'eager', got {impl!r}")
-        for layer in self.model.layers:
-            layer.self_attn.use_sdpa = impl == "sdpa"
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Final-normed hidden states (B, T, d), before the head (see Qwen2Model.forward)."""
-        return self.model(input_ids, attention_mask, cache)
 
     def forward(
         self,
@@ -491,10 +354,9 @@ class Qwen2ForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Mean next-token cross-entropy; labels (B, T) are the input ids with −100 where no loss
         is taken. Position t predicts label t+1, as in transformers: the last position predicts
-        nothing, so the head never runs (and is not counted) there.
-        attention_mask: None for a batch without padding (see "masks")."""
+        nothing, so the head never runs (and is not counted) there."""
         h = self.model(input_ids, attention_mask)  # (B, T, d)
-        return linear_cross_entropy(h[:, :-1], self.lm_head, labels[:, 1:])  # (B, T−1) rows
+        return self.head_loss(h[:, :-1], self.lm_head, labels[:, 1:])  # (B, T−1) rows
 
 
 def add_loss_flops(rows: int, V: int) -> None:
@@ -504,34 +366,16 @@ def add_loss_flops(rows: int, V: int) -> None:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean of −log softmax(logits)[target] over targets ≠ −100; logits (..., V)."""
+    """Mean of −log softmax(logits)[target] over targets ≠ −100; logits (..., V), in fp32."""
     V, rows = logits.shape[-1], logits.numel() // logits.shape[-1]
     add_loss_flops(rows, V)
     logits, targets = logits.reshape(rows, V).float(), targets.reshape(rows)
     return F.cross_entropy(logits, targets, ignore_index=-100)
 
 
-def linear_cross_entropy(
-    h: torch.Tensor, head: Linear, targets: torch.Tensor, chunk_rows: int = 256
-) -> torch.Tensor:
-    """cross_entropy(head(h), targets) without ever holding all the logits; h (..., d).
-
-    Why: a training batch of 4 × 512 positions has 2048 × 151,936 logits, 1.2 GB in fp32, and
-    the plain path makes several such tensors per step (bf16 output, fp32 copy, log-softmax,
-    its gradient) and keeps some for the backward pass. Here `chunk_rows` rows at a time go
-    through the head and the softmax, and each chunk's gradient with respect to h,
-    ((softmax − onehot) / n) · W, is computed at once in the forward pass: only that
-    (rows, d) tensor waits for backward. The head is frozen under LoRA; if its weight does
-    train, its gradient ((softmax − onehot) / n)ᵀ · h is accumulated the same way.
-    Same loss, gradients and counted FLOPs as the plain path (tests/test_fast_paths.py)."""
-    if head.bias is not None:
-        raise ValueError("linear_cross_entropy supports a head without bias (as Qwen2's)")
-    d, V = head.in_features, head.out_features
-    rows = h.numel() // d
-    add_matmul_flops(head.flop_name, 1, rows, d, V)  # rows·V·(2d − 1), as Linear counts it
-    add_loss_flops(rows, V)
-    h, targets = h.reshape(rows, d), targets.reshape(rows)  # (rows, d), (rows,)
-    return ChunkedLinearCrossEntropy.apply(h, head.weight, targets, chunk_rows)
+def linear_cross_entropy(h: torch.Tensor, head: Linear, targets: torch.Tensor) -> torch.Tensor:
+    """The loss's definition: cross_entropy(h Wᵀ, targets), h (..., d) through the LM head."""
+    return cross_entropy(head(h), targets)
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -540,10 +384,11 @@ def linear_cross_entropy(
 class KVCache:
     """Preallocated keys and values, (layers, B, n_kv, max_len, hd); `length` slots are filled.
 
-    Each forward pass writes its T new positions in every layer (`update`); the last layer's
-    write advances `length`. `rewind(n)` forgets everything after the first n positions.
-    generate() keeps the cache in fp32 even under bf16 autocast (generate.cache_dtype): bf16
-    values are stored exactly, and each decoding step's attention then runs in fp32."""
+    In a forward pass each layer writes its T new positions after the `length` filled ones
+    (`update`), and Qwen2Model.forward then advances `length` by T (`advance`). `rewind(n)`
+    forgets everything after the first n positions. generate() keeps the cache in fp32 even
+    under bf16 autocast (generate.cache_dtype): bf16 values are stored exactly, and each
+    decoding step's attention then runs in fp32."""
 
     def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, dtype, device):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -558,23 +403,17 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.k.shape[3]} positions, {end} were asked for")
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
-        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv, S, hd)
-        if layer == self.k.shape[0] - 1:  # every layer holds the T new positions now
-            self.length = end
-        return keys, values
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv, S, hd) each
+
+    def advance(self, n: int) -> None:
+        """The n positions every layer has just written are filled now."""
+        self.length += n
 
     def rewind(self, length: int) -> None:
         """Keep the first `length` positions; the next write goes after them."""
         if not 0 <= length <= self.length:
             raise ValueError(f"KV cache rewind to {length}: expected 0 ≤ length ≤ {self.length}")
         self.length = length
-
-    def rows(self, rows: slice) -> KVCache:
-        """A view of some batch rows, with its own `length`: what it writes lands here, and
-        this cache's `length` stays as it is."""
-        view = copy.copy(self)
-        view.k, view.v = self.k[:, rows], self.v[:, rows]
-        return view
 
 
 # ----------------------------------------------------------------------------- LoRA

@@ -1,10 +1,12 @@
 """Every speed shortcut in qwen_min against the plain computation it replaces.
 
-  * the chunked loss (linear_cross_entropy) == cross_entropy over the full logits: value,
-    gradients (LoRA, and a head that trains) and counted FLOPs (less the head rows it skips);
-  * no mask (SDPA's is_causal) == an explicit all-ones mask == the row inside a padded batch;
-  * the plain `attention` (reference, decoding) == SDPA, and the fp32 KV cache under bf16
-    autocast;
+  * the chunked loss (fast.chunked_linear_cross_entropy) == cross_entropy over the full logits:
+    value, gradients (LoRA, and a head that trains) and counted FLOPs (less the head rows it
+    skips);
+  * the one mask function: positions and masks for each case of its table;
+  * no mask == an explicit all-ones mask == the row inside a padded batch;
+  * the plain `attention` (reference, decoding) == SDPA (fast.sdpa_attention), and the fp32 KV
+    cache under bf16 autocast;
   * a bf16 base with fp32 LoRA tensors trains under autocast;
   * generate's prefill in parts of a few rows == the whole batch at once;
   * the training forward has no graph break for torch.compile; the KV cache keeps its length.
@@ -21,22 +23,18 @@ import torch.nn.functional as F
 import flops
 from lora import apply_lora, lora_parameters
 from qwen_min import KVCache, Qwen2Config, Qwen2ForCausalLM, count_flops, generate
+from qwen_min.fast import chunked_linear_cross_entropy, sdpa_attention, use_fast_paths
 from qwen_min.generate import cache_dtype
-from qwen_min.model import (
-    attention,
-    attention_mask_4d,
-    cross_entropy,
-    linear_cross_entropy,
-    padding_mask_or_none,
-)
+from qwen_min.model import attention, cross_entropy, positions_and_mask
 
 CFG = Qwen2Config(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
 
 
 def build(cfg: Qwen2Config = CFG, lora_rank: int = 0) -> Qwen2ForCausalLM:
+    """A model with the fast paths in, as load_model returns it."""
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg)
+    model = use_fast_paths(Qwen2ForCausalLM(cfg))
     if lora_rank:
         apply_lora(model, lora_rank, targets=("q_proj", "v_proj"))
         with torch.no_grad():  # B = 0 at init would leave A without gradient
@@ -95,8 +93,8 @@ def test_chunked_loss_gradients_when_the_head_trains(chunk_rows, tied):
     plain_loss(model, ids, labels, mask).backward()
     want = grads(model)
     model.zero_grad()
-    h = model.hidden_states(ids, mask)[:, :-1]
-    linear_cross_entropy(h, model.lm_head, labels[:, 1:], chunk_rows).backward()
+    h = model.model(ids, mask)[:, :-1]
+    chunked_linear_cross_entropy(h, model.lm_head, labels[:, 1:], chunk_rows).backward()
     got = grads(model)
     assert set(got) == set(want) and model.lm_head.weight.grad is not None
     for name in want:  # measured: ≤ 1.2e-7 absolute
@@ -142,12 +140,12 @@ def test_chunked_loss_rejects_a_head_with_bias():
     head = torch.nn.Linear(4, 7)
     head.flop_name, head.in_features, head.out_features = "lm_head", 4, 7
     with pytest.raises(ValueError, match="supports a head without bias"):
-        linear_cross_entropy(torch.zeros(2, 4), head, torch.zeros(2, dtype=torch.long))
+        chunked_linear_cross_entropy(torch.zeros(2, 4), head, torch.zeros(2, dtype=torch.long))
 
 
 def test_no_mask_equals_an_explicit_mask():
-    """Row 0 of `batch` has no padding. With no mask it takes SDPA's is_causal; with an
-    all-ones mask, and beside a padded row, the explicit (B, 1, T, S) mask. Same logits."""
+    """Row 0 of `batch` has no padding: with no mask, with an all-ones mask, and beside a
+    padded row, the same logits."""
     model = build().eval()
     ids, _, mask = batch()
     with torch.no_grad():
@@ -159,10 +157,20 @@ def test_no_mask_equals_an_explicit_mask():
     assert (beside_padding - no_mask).abs().max().item() <= 4e-6  # measured: 0.0
 
 
-def test_callers_drop_a_mask_without_padding():
-    ones, padded = torch.ones(2, 5, dtype=torch.long), torch.tensor([[0, 1, 1], [1, 1, 1]])
-    assert padding_mask_or_none(ones) is None and padding_mask_or_none(None) is None
-    assert padding_mask_or_none(padded).tolist() == [[0, 1, 1], [1, 1, 1]]
+def test_one_mask_function_for_every_case():
+    """The table and the worked example in model.py's "positions and mask" section."""
+    cpu = torch.device("cpu")
+    positions, mask = positions_and_mask(None, 1, 3, 0, cpu)  # prefill, no padding: causal
+    assert positions.tolist() == [[0, 1, 2]]
+    assert mask.int().tolist() == [[[[1, 0, 0], [1, 1, 0], [1, 1, 1]]]]
+    positions, mask = positions_and_mask(torch.tensor([[0, 0, 1, 1]]), 1, 4, 0, cpu)
+    assert positions.tolist() == [[0, 0, 0, 1]]  # left padding; padding queries see themselves
+    assert mask.int().tolist() == [[[[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]]]
+    positions, mask = positions_and_mask(torch.tensor([[0, 1, 1, 1]]), 1, 1, 3, cpu)
+    assert positions.tolist() == [[2]] and mask.int().tolist() == [[[[0, 1, 1, 1]]]]  # decoding
+    positions, mask = positions_and_mask(None, 2, 2, 3, cpu)  # two new queries after 3 cached
+    assert positions.tolist() == [[3, 4]] * 2 and mask.shape == (2, 1, 2, 5)
+    assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 
 
 @pytest.mark.parametrize("T, S", [(1, 9), (6, 6), (3, 10)])
@@ -173,23 +181,22 @@ def test_plain_attention_equals_sdpa(T, S, padded):
     k, v = torch.randn(2, 3, S, 8, generator=g), torch.randn(2, 3, S, 8, generator=g)
     key_mask = torch.ones(2, S, dtype=torch.long)
     key_mask[1, :2] = 0 if padded else 1
-    mask = attention_mask_4d(key_mask, T) if padded or T != S else None
-    want = F.scaled_dot_product_attention(q, k, v, mask, is_causal=mask is None and T > 1,
-                                          enable_gqa=True)  # fmt: skip
-    got = attention(q, k, v, mask)
-    assert (got - want).abs().max().item() <= 5e-7  # measured: ≤ 2.4e-7
+    mask = positions_and_mask(key_mask, 2, T, S - T, torch.device("cpu"))[1]
+    want = F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+    assert (attention(q, k, v, mask) - want).abs().max().item() <= 5e-7  # measured: ≤ 2.4e-7
+    assert torch.equal(sdpa_attention(q, k, v, mask), want if T > 1 else attention(q, k, v, mask))
 
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_eager_attention_gives_the_logits_of_sdpa(padded):
-    """The whole model through `attention` (eager) and through `sdpa_attention`: unpadded
-    (form 3: causal with no mask) and left-padded (form 2)."""
+    """The whole model through `attention` (plain) and through `sdpa_attention` (fast):
+    unpadded and left-padded."""
     model = build().eval()
     ids, _, mask = batch()
     mask = mask if padded else None
     with torch.no_grad():
         want = model(ids, mask)
-        model.set_attention("eager")
+        use_fast_paths(model, False)
         got = model(ids, mask)
     real = torch.ones_like(ids).bool() if mask is None else mask.bool()
     assert (got - want)[real].abs().max().item() <= 1.5e-5  # measured: 3.8e-6, 7.6e-6 padded
@@ -234,7 +241,7 @@ def test_bf16_base_with_fp32_lora_trains_under_autocast():
 
 
 def test_prefill_in_row_parts_equals_one_pass():
-    """generate prefills a few rows at a time through KVCache.rows views: the same tokens,
+    """generate prefills a few rows at a time through CacheRows views: the same tokens,
     logits, cache contents and counted FLOPs as the whole batch at once."""
     model = build().eval()
     ids, _, mask = batch(B=5, T=9)

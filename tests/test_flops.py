@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import flops
 from lora import apply_lora, merge_lora
-from qwen_min import KVCache, Qwen2Config, Qwen2ForCausalLM, count_flops, generate
+from qwen_min import KVCache, Qwen2Config, Qwen2ForCausalLM, count_flops, generate, use_fast_paths
 
 CONFIGS = {
     # head_dim 8, 2 query heads per KV head
@@ -151,9 +151,9 @@ def test_mha_convention_is_what_an_mha_model_runs(name):
 def test_hooks_do_not_depend_on_the_attention_kernel():
     cfg = CONFIGS["gqa"]
     model, x = build(cfg, 2, ("q_proj", "v_proj")), ids(cfg, 2, 9)
-    sdpa = counted(model, x)
-    model.set_attention("eager")
-    assert counted(model, x) == sdpa
+    plain = counted(model, x)
+    use_fast_paths(model)
+    assert counted(model, x) == plain
 
 
 # ----------------------------------------------------------------------------- FlopCounterMode
@@ -165,7 +165,7 @@ def test_matmuls_agree_with_torch_flop_counter(name):
     ours + Σ m·p must equal it. Eager attention: on CPU the SDPA kernel is not counted."""
     cfg = CONFIGS[name]
     model = build(cfg, 2, ("q_proj", "v_proj", "down_proj"))
-    model.set_attention("eager")
+    use_fast_paths(model, False)
     cache = KVCache(cfg, 2, 12, torch.float32, "cpu")
     for x, past in [(ids(cfg, 2, 10), 0), (ids(cfg, 2, 1, seed=1), 10)]:
         with torch.no_grad(), FlopCounterMode(display=False) as torch_count, count_flops() as c:
