@@ -47,8 +47,7 @@ import torch
 import data
 import flops
 from qwen_min import CheckpointError
-from qwen_min.loading import DEFAULT_MODEL, load_config, resolve_checkpoint
-from qwen_min.loading import ConfigError
+from qwen_min.loading import DEFAULT_MODEL, ConfigError, load_config, resolve_checkpoint
 from qwen_min.model import Qwen2Config
 from qwen_min.runtime import atomic_write_bytes, atomic_write_text, provenance
 

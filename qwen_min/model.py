@@ -1,20 +1,15 @@
 """Qwen2, the architecture of Qwen2.5-0.5B-Instruct, in one file and in reading order:
-
-    config → Linear → RMSNorm → RoPE → positions and mask → attention → MLP → block → model
-    → LM head and loss → KV cache → LoRA
-
-It matches transformers' `Qwen2ForCausalLM` (modeling_qwen2.py) logit for logit: the module
-names below are the checkpoint keys (`model.layers.3.self_attn.q_proj.weight`, ...), so a
-Hugging Face safetensors file loads with no key map (see qwen_min/loading.py).
+config → Linear → RMSNorm → RoPE → positions and mask → attention → MLP → block → model
+→ LM head and loss → KV cache → LoRA. It matches transformers' `Qwen2ForCausalLM` logit for
+logit; the module names are the checkpoint keys (`model.layers.3.self_attn.q_proj.weight`).
 
 Beside each operation, one line adds its FLOPs by the coursework's rules (add/sub/neg/mul/div 1,
-exp/log/sqrt 10, an (m×n)(n×p) matrix product m·p·(2n−1)) to the counter that
-`qwen_min.counting.count_flops()` opens; with none open, the call does nothing. flops.py is the
-closed form of the same rules, and tests/test_flops.py proves the two agree exactly.
+exp/log/sqrt 10, an (m×n)(n×p) matrix product m·p·(2n−1)) to the counter of
+`qwen_min.counting.count_flops()`, if one is open; flops.py is the same rules in closed form.
 
-This file is the plain reference. Faster versions of two of its functions (attention through
-torch's SDPA kernel, the loss in chunks) live in qwen_min/fast.py, which load_model swaps in;
-a reader can skip that module. docs/reading-guide.md traces one forward pass through this file.
+This file is the plain reference. qwen_min/fast.py holds faster equals of `attention` (SDPA)
+and of the loss (in chunks), which load_model swaps in; a reader can skip it.
+docs/reading-guide.md traces one forward pass through this file.
 """
 
 from __future__ import annotations
@@ -101,9 +96,7 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------- RoPE
 
 
-def rope_cos_sin(
-    cfg: Qwen2Config, position_ids: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(cfg: Qwen2Config, position_ids: torch.Tensor, dtype: torch.dtype):
     """cos/sin tables (B, T, head_dim) for rotary position embedding, built in fp32.
 
     Pair i of a head rotates by angle pos · θ^(−2i/head_dim). Qwen uses the "rotate-half"
@@ -151,9 +144,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # take its last T values: mask [0, 1, 1 | 1] (past 3, T 1) → position [2].
 
 
-def positions_and_mask(
-    attention_mask: torch.Tensor | None, B: int, T: int, past: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+def positions_and_mask(attention_mask: torch.Tensor | None, B: int, T: int, past: int, device):
     """Position ids (B, T) of the T new tokens after `past` cached ones, and the mask
     (B, 1, T, S): True where query t may attend to key s (the 1 broadcasts over heads)."""
     if attention_mask is None:
@@ -196,7 +187,6 @@ def add_attention_flops(B: int, nh: int, T: int, S: int, hd: int) -> None:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
     """softmax(q·kᵀ/√hd, where mask is False: −inf)·v for every head, in plain ops.
-
     q: (B, nh, T, hd); k, v: (B, n_kv, S, hd); mask: (B, 1, T, S) from positions_and_mask.
     The softmax runs in fp32, as in transformers."""
     B, nh, T, hd = q.shape
@@ -217,8 +207,7 @@ class Qwen2Attention(nn.Module):
         self.cfg = cfg
         d, hd = cfg.hidden_size, cfg.head_dim
         nh, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        # LoRA enters here: lora.apply_lora replaces q_proj and v_proj (its default targets) by
-        # LoRALinear (end of this file), which keeps this weight and adds (alpha/r)·x·Aᵀ·Bᵀ.
+        # LoRA enters here: lora.apply_lora swaps q_proj, v_proj for LoRALinear (end of file).
         # k_proj/v_proj run at their real width d → n_kv·hd (896 → 128) and are counted so
         self.q_proj = Linear(d, nh * hd, bias=True, flop_name="q_proj")
         self.k_proj = Linear(d, n_kv * hd, bias=True, flop_name="k_proj")
@@ -294,16 +283,9 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "final_norm")
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """input_ids (B, T) → final-normed hidden states (B, T, d).
-
-        attention_mask: (B, past + T) over the cached tokens and these T, or None (see
-        "positions and mask"). No branch here looks at tensor values (torch.compile)."""
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+        """input_ids (B, T) → final-normed hidden states (B, T, d). attention_mask: (B, past + T)
+        or None (see "positions and mask"); no branch here looks at tensor values (compile)."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         positions, mask = positions_and_mask(attention_mask, B, T, past, input_ids.device)
@@ -317,46 +299,6 @@ class Qwen2Model(nn.Module):
 
 
 # ----------------------------------------------------------------------------- head and loss
-
-
-class Qwen2ForCausalLM(nn.Module):
-    """`model(input_ids, attention_mask)` → logits (B, T, vocab); `model.loss(...)` to train."""
-
-    def __init__(self, cfg: Qwen2Config):
-        super().__init__()
-        self.cfg = cfg
-        self.model = Qwen2Model(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, flop_name="lm_head")
-        self.tie_weights()
-        self.head_loss = linear_cross_entropy  # qwen_min.fast swaps in a chunked equal
-
-    def tie_weights(self) -> None:
-        """Share one Parameter between the embedding and the LM head (no copy)."""
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        """Logits (B, T, V), or (B, 1, V) for the last position only (generation)."""
-        h = self.model(input_ids, attention_mask, cache)
-        return self.lm_head(h[:, -1:] if last_only else h)
-
-    def loss(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Mean next-token cross-entropy; labels (B, T) are the input ids with −100 where no loss
-        is taken. Position t predicts label t+1, as in transformers: the last position predicts
-        nothing, so the head never runs (and is not counted) there."""
-        h = self.model(input_ids, attention_mask)  # (B, T, d)
-        return self.head_loss(h[:, :-1], self.lm_head, labels[:, 1:])  # (B, T−1) rows
 
 
 def add_loss_flops(rows: int, V: int) -> None:
@@ -378,17 +320,45 @@ def linear_cross_entropy(h: torch.Tensor, head: Linear, targets: torch.Tensor) -
     return cross_entropy(head(h), targets)
 
 
+class Qwen2ForCausalLM(nn.Module):
+    """`model(input_ids, attention_mask)` → logits (B, T, vocab); `model.loss(...)` to train."""
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Qwen2Model(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, flop_name="lm_head")
+        self.tie_weights()
+        self.head_loss = linear_cross_entropy  # qwen_min.fast swaps in a chunked equal
+
+    def tie_weights(self) -> None:
+        """Share one Parameter between the embedding and the LM head (no copy)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) for the last position only (generation)."""
+        h = self.model(input_ids, attention_mask, cache)
+        return self.lm_head(h[:, -1:] if last_only else h)
+
+    def loss(self, input_ids, labels, attention_mask=None) -> torch.Tensor:
+        """cross_entropy(h[:, :-1] Wᵀ, labels[:, 1:]): position t predicts label t + 1 (as in
+        transformers), so the head never runs (and is not counted) on the last position; labels
+        (B, T) are the input ids with −100 where no loss is taken."""
+        h = self.model(input_ids, attention_mask)  # (B, T, d)
+        return self.head_loss(h[:, :-1], self.lm_head, labels[:, 1:])  # (B, T−1) rows
+
+
 # ----------------------------------------------------------------------------- KV cache
 
 
 class KVCache:
     """Preallocated keys and values, (layers, B, n_kv, max_len, hd); `length` slots are filled.
-
-    In a forward pass each layer writes its T new positions after the `length` filled ones
-    (`update`), and Qwen2Model.forward then advances `length` by T (`advance`). `rewind(n)`
-    forgets everything after the first n positions. generate() keeps the cache in fp32 even
-    under bf16 autocast (generate.cache_dtype): bf16 values are stored exactly, and each
-    decoding step's attention then runs in fp32."""
+    In a pass each layer writes its T new positions after them (`update`), then
+    Qwen2Model.forward advances `length` by T. generate() keeps the cache in fp32 under bf16
+    autocast too (generate.cache_dtype): bf16 values are stored exactly, and each decoding
+    step's attention then runs in fp32."""
 
     def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, dtype, device):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -422,14 +392,11 @@ class KVCache:
 class LoRALinear(Linear):
     """LoRA (Hu et al. 2021): y = x W₀ᵀ + b + (alpha/r) · x Aᵀ Bᵀ, A: (r, d_in), B: (d_out, r).
 
-    What `lora.apply_lora` puts in place of a projection (q_proj and v_proj by default; see
-    Qwen2Attention). W₀ and b keep their checkpoint keys; `lora_A`/`lora_B` are the only new
-    tensors. A starts kaiming-uniform(a=√5) and B at zero (PEFT's init), so a fresh adapter
-    changes nothing. `merge()` folds ΔW = (alpha/r)·B·A into W₀ (in fp32) for fast inference;
-    `unmerge()` puts back the W₀ that merge set aside, because (W₀ + ΔW) − ΔW is not bit-exactly
-    W₀ in floating point. A and B are created in fp32 whatever the base dtype, so they can train
-    in bf16 models.
-    """
+    What `lora.apply_lora` puts in place of q_proj and v_proj (by default). W₀ and b keep their
+    checkpoint keys; `lora_A`/`lora_B` are new, in fp32 whatever the base dtype (they train in
+    bf16 models too). A starts kaiming-uniform(a=√5), B at zero (PEFT's init): a fresh adapter
+    changes nothing. `merge()` folds ΔW = (alpha/r)·B·A into W₀ (in fp32) for inference;
+    `unmerge()` puts back the W₀ that merge set aside ((W₀ + ΔW) − ΔW is not bit-exactly W₀)."""
 
     def __init__(self, base: Linear, rank: int, alpha: float, dropout: float = 0.0):
         # nn.Module's init, not Linear's: Linear's would allocate and randomly fill a new
@@ -451,16 +418,13 @@ class LoRALinear(Linear):
     def merged(self) -> bool:
         return self.unmerged_weight is not None
 
-    def delta_weight(self) -> torch.Tensor:  # (d_out, d_in), in fp32 or wider (fp64 models)
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        return (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
-
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
             self.unmerged_weight = self.weight.detach().clone()
-            delta = self.delta_weight()
-            self.weight.copy_((self.weight.to(delta.dtype) + delta).to(self.weight.dtype))
+            dtype = torch.promote_types(self.weight.dtype, torch.float32)  # fp32, fp64 for fp64
+            delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling  # (d_out, d_in)
+            self.weight.copy_((self.weight.to(dtype) + delta).to(self.weight.dtype))
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -472,19 +436,14 @@ class LoRALinear(Linear):
         y = super().forward(x)  # x W₀ᵀ + b, counted by Linear
         if self.merged:
             return y
-        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
-        self.add_update_flops(x.numel() // self.in_features, dropout)
-        h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))  # (..., r)
-        h = F.linear(h, self.lora_B.to(x.dtype))  # (..., d_out)
-        return y + h * self.scaling
-
-    def add_update_flops(self, rows: int, dropout: bool) -> None:
-        """The update's cost for `rows` input rows, under "<projection>.lora_*"."""
         name, r = self.flop_name + ".lora", self.rank
-        d_in, d_out = self.in_features, self.out_features
-        if dropout:
+        d_in, d_out, rows = self.in_features, self.out_features, x.numel() // self.in_features
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
             add_flops(name + "_dropout", rows * d_in)  # multiply by the scaled keep-mask
         add_matmul_flops(name + "_A", 1, rows, d_in, r)  # (rows×d_in)(d_in×r)
+        h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))  # (..., r)
         add_matmul_flops(name + "_B", 1, rows, r, d_out)  # (rows×r)(r×d_out)
+        h = F.linear(h, self.lora_B.to(x.dtype))  # (..., d_out)
         add_flops(name + "_scale", rows * d_out)  # · alpha/r
         add_flops(name + "_add", rows * d_out)  # + the base output
+        return y + h * self.scaling
