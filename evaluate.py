@@ -42,7 +42,15 @@ import baselines
 import data
 import flops
 from lora import AdapterError, load_adapter
-from qwen_min import CheckpointError, KVCache, count_flops, generate, load_model, load_tokenizer
+from qwen_min import (
+    CheckpointError,
+    KVCache,
+    SamplingOptions,
+    count_flops,
+    generate,
+    load_model,
+    load_tokenizer,
+)
 from qwen_min.generate import cache_dtype
 from qwen_min.grammar import LLMTimeGrammar
 from qwen_min.loading import DEFAULT_MODEL
@@ -311,8 +319,8 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
             tokens, step_logits = generate(
                 model, ids, new_tokens, mask, eos_token_id=data.PAD_ID, cache=cache,
                 grammar=None if args.unconstrained else grammar, n_steps=args.forecast_steps,
-                samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-                seeds=torch.arange(sl.start, sl.stop, dtype=torch.int64) + args.seed,
+                sampling=SamplingOptions(args.samples, args.temperature, args.top_p,
+                    seeds=torch.arange(sl.start, sl.stop, dtype=torch.int64) + args.seed),
                 return_logits=not args.samples,
                 # CUDA: decode steps as one CUDA graph each (qwen_min/compiled.py); same count
                 compiled_decode=device.type == "cuda")

@@ -2,7 +2,7 @@
 
 from .counting import FlopCounter, count_flops
 from .fast import use_fast_paths
-from .generate import generate
+from .generate import SamplingOptions, generate
 from .loading import CheckpointError, ConfigError, load_config, load_model, load_tokenizer
 from .model import KVCache, LoRALinear, Qwen2Config, Qwen2ForCausalLM
 
@@ -14,6 +14,7 @@ __all__ = [
     "LoRALinear",
     "Qwen2Config",
     "Qwen2ForCausalLM",
+    "SamplingOptions",
     "count_flops",
     "generate",
     "load_config",

@@ -253,6 +253,7 @@ class CompiledDecodeStep:
 
     def _step(self, tokens, attention_mask, position, cache_k, cache_v):
         model, cfg = self.model, self.model.cfg
+        # model.positions_and_mask's decoding row, for a position held in a tensor
         slots = torch.arange(cache_k.shape[3], device=tokens.device)  # (S,)
         keys = attention_mask.bool() & (slots <= position)  # (B, S): real tokens up to this one
         positions = keys.long().sum(-1, keepdim=True) - 1  # (B, 1): real tokens before it

@@ -1,15 +1,15 @@
 """Batched generation with the KV cache: greedy or sampled, free or held to the LLMTIME grammar.
 
-One call = the prompts' prefill (once, for the B prompts) → with `samples` = N, the prompt's keys
-and values copied to N rows per prompt → one token per step for every row:
+The greedy core comes first and reads alone: `prefill` runs the B left-padded prompts through
+the model once, filling the cache; `decode_step` runs one new token per row against it; and
+`generate` loops, one token per step for every row:
 
-    raw logits (returned as they are) → grammar mask → argmax (greedy)
-                                                     or Gumbel-max sample (temperature, top-p)
+    raw logits (returned as they are) → grammar mask → argmax (greedy) or a sample
     → rows that have finished (eos, or their n_steps-th ';') write eos from then on.
 
-Sampling draws its noise from an integer hash of (seed, sample, step, token) rather than from a
-torch generator: sample s of a prompt sees the same noise in any batch, on any device, so
-batched runs equal unbatched ones and seeded runs reproduce exactly.
+After the core, each extra in its own section: sampling (`SamplingOptions`; N rows per prompt,
+its cache expanded from the prompt's), the prefill in row parts, the compiled decode step, and
+the argument checks.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from .compiled import CompiledDecodeStep
 from .counting import add_flops
-from .grammar import QWEN2_SEMICOLON_ID, LLMTimeGrammar
+from .grammar import QWEN2_SEMICOLON_ID, GrammarTables, LLMTimeGrammar
 from .model import KVCache, Qwen2ForCausalLM
 
 QWEN2_EOS_ID = 151643  # <|endoftext|>, Qwen2's padding token (data.PAD_ID): the default fill
@@ -30,44 +30,166 @@ QWEN2_EOS_ID = 151643  # <|endoftext|>, Qwen2's padding token (data.PAD_ID): the
 def cache_dtype(model: Qwen2ForCausalLM, device: torch.device | None = None) -> torch.dtype:
     """fp32 (fp64 for an fp64 model) on every device, under bf16 autocast too: the bf16 keys
     and values are stored exactly, and each decoding step's attention reads them in fp32
-    (qwen_min.model.attention): more precise, and on CPU faster than bf16."""
+    (Qwen2Attention): more precise, and on CPU faster than bf16."""
     return torch.promote_types(model.lm_head.weight.dtype, torch.float32)
 
 
-# ----------------------------------------------------------------------------- KV cache steps
+# ----------------------------------------------------------------------------- the greedy core
 
 
 def prefill(model: Qwen2ForCausalLM, input_ids: torch.Tensor, mask: torch.Tensor,
             cache: KVCache, prefill_rows: int) -> torch.Tensor:
-    """The whole prompt into `cache`, `prefill_rows` rows at a time; (B, V) last-position logits.
-
-    Rows at a time: the same work, but on CPU the activations of a few rows stay in cache (a
-    batch of 32 prefills ~15% faster in rows of 4)."""
+    """The whole prompt into `cache`; (B, V) last-position logits. `prefill_rows` rows at a
+    time (see "prefill in row parts"): the same work as one call for all B rows."""
     B, T = input_ids.shape
-    rows = [slice(r, r + prefill_rows) for r in range(0, B, prefill_rows)]
+    parts = [slice(r, r + prefill_rows) for r in range(0, B, prefill_rows)]
     logits = torch.cat(
-        [model(input_ids[r], mask[r], CacheRows(cache, r), last_only=True) for r in rows]
+        [model(input_ids[r], mask[r], CacheRows(cache, r), last_only=True) for r in parts]
     )[:, -1]  # (B, 1, V) → (B, V)
-    cache.advance(T)  # the views wrote the T positions of their rows; the cache has them all
+    cache.advance(T)  # the parts wrote the T positions of their rows: the cache holds them all
     return logits
 
 
-class CacheRows:
-    """Batch rows `rows` of a KVCache for a forward pass over those rows only: what it writes
-    lands in the cache, its `length` is the cache's, and its `advance` does nothing, so the
-    cache advances once, after the last rows' pass."""
+def decode_step(model: Qwen2ForCausalLM, last: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
+    """One token per row (R,) against the cache; mask (R, S) covers cache + this token → (R, V)."""
+    return model(last[:, None], mask, cache, last_only=True)[:, -1]  # (R, 1) → (R, 1, V) → (R, V)
 
-    update = KVCache.update
 
-    def __init__(self, cache: KVCache, rows: slice):
-        self.cache, self.k, self.v = cache, cache.k[:, rows], cache.v[:, rows]
+@torch.no_grad()
+def generate(
+    model: Qwen2ForCausalLM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | None = None,
+    cache: KVCache | None = None,
+    prefill_rows: int | None = None,
+    *,
+    grammar: LLMTimeGrammar | None = None,
+    n_steps: int | None = None,
+    sampling: SamplingOptions | None = None,
+    return_logits: bool = True,
+    compiled_decode: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Decode up to `max_new_tokens` tokens for a left-padded batch of B prompts.
 
-    @property
-    def length(self) -> int:
-        return self.cache.length
+    input_ids, attention_mask: (B, T), padding on the left with mask 0.
+    sampling: None (or samples 0): greedy, R = B rows; else N = sampling.samples sampled
+    continuations per prompt, R = B·N rows, row b·N + s = sample s of prompt b.
+    grammar: only tokens that LLMTimeGrammar allows are chosen (a mask; the logits stay raw).
+    n_steps: a row finishes with its n_steps-th ';'. eos_token_id: a row finishes when it writes
+    it. A finished row writes eos_token_id (with n_steps and no eos: Qwen2's <|endoftext|>) from
+    then on; the loop stops when every row has finished, or after max_new_tokens steps
+    (pass grammar.max_new_tokens(n_steps): the longest forecast the grammar allows).
+    Returns (tokens (R, n), logits (R, n, V) fp32 or None without `return_logits`), n ≤
+    max_new_tokens the steps run; logits[:, i] is what tokens[:, i] was chosen from.
+    `cache`: an empty KVCache of your own for the B prompts with room for T + max_new_tokens,
+    to reuse afterwards: it then holds the prompts in positions [0, T) (evaluate.py rewinds it
+    to T and runs the true continuation); samples decode in a cache of their own.
+    prefill_rows: prompts per prefill call; default all B on CUDA (one batch), 4 elsewhere.
+    compiled_decode: each decoding step as one compiled graph (see "compiled decoding").
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    if prefill_rows is None:  # on CPU, a few rows at a time stay in the caches
+        prefill_rows = B if device.type == "cuda" else 4
+    check_arguments(B, max_new_tokens, prefill_rows, n_steps, sampling)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = attention_mask.new_ones(B, T + max_new_tokens)  # the new tokens are all real
+    mask[:, :T] = attention_mask
+    if cache is None:
+        cache = KVCache(model.cfg, B, T + max_new_tokens, cache_dtype(model, device), device)
+    elif cache.length != 0:
+        raise ValueError(f"generate needs an empty KV cache, this one holds {cache.length}")
 
-    def advance(self, n: int) -> None:
-        pass
+    step_logits = prefill(model, input_ids, mask[:, :T], cache, prefill_rows)  # (B, V)
+    tables = grammar.tables(step_logits.shape[1], device) if grammar is not None else None
+    choose = greedy
+    if sampling is not None and sampling.samples:  # N rows per prompt from here on
+        cache, mask, step_logits, choose = for_samples(sampling, model, cache, mask,
+                                                       step_logits, tables)
+    step = decoder(model, cache, mask, compiled_decode)
+    R, V = step_logits.shape
+    state = tables.start(R) if tables is not None else None
+    fill = QWEN2_EOS_ID if eos_token_id is None else eos_token_id
+    semicolon = grammar.semicolon_id if grammar is not None else QWEN2_SEMICOLON_ID
+    tokens = input_ids.new_zeros(R, max_new_tokens)
+    logits = torch.empty(R, max_new_tokens, V, device=device) if return_logits else None
+    done = torch.zeros(R, dtype=torch.bool, device=device)
+    steps_written = torch.zeros(R, dtype=torch.long, device=device)  # the ';' each row wrote
+    fed = None
+
+    for i in range(max_new_tokens):
+        if i > 0:
+            step_logits = step(fed, i)  # (R, V): decode_step, or its compiled equal
+        raw = step_logits.float()
+        if logits is not None:
+            logits[:, i] = raw
+        scores = tables.mask(raw, state) if tables is not None else raw
+        next_token = choose(scores, i)  # (R,)
+        if tables is not None:
+            state = torch.where(done, state, tables.advance(state, next_token))
+        tokens[:, i] = next_token.masked_fill(done, fill)
+        # a finished row keeps feeding the token it finished with (the model's own, so in its
+        # vocabulary even when the fill is not); its outputs are never used
+        fed = next_token if fed is None else torch.where(done, fed, next_token)
+        steps_written += next_token == semicolon
+        done |= finished(next_token, steps_written, eos_token_id, n_steps)
+        if (eos_token_id is not None or n_steps is not None) and bool(done.all()):
+            break
+    n = i + 1
+    return tokens[:, :n], (logits[:, :n] if logits is not None else None)
+
+
+def greedy(scores: torch.Tensor, step: int) -> torch.Tensor:
+    """(R,) the most likely token of each row: a selection, 0 FLOPs."""
+    return scores.argmax(-1)
+
+
+def finished(next_token: torch.Tensor, steps_written: torch.Tensor, eos_token_id: int | None,
+             n_steps: int | None) -> torch.Tensor:
+    """(R,) rows that finish with this token: it is eos, or it completed their n_steps-th step
+    (steps_written (R,) counts the ';' written so far, this token included)."""
+    now = torch.zeros_like(next_token, dtype=torch.bool)
+    if eos_token_id is not None:
+        now |= next_token == eos_token_id
+    if n_steps is not None:
+        now |= steps_written >= n_steps
+    return now
+
+
+# ----------------------------------------------------------------------------- sampling
+#
+# Sampling draws its noise from an integer hash of (seed, sample, step, token) rather than from
+# a torch generator: sample s of a prompt sees the same noise in any batch, on any device, so
+# batched runs equal unbatched ones and seeded runs reproduce exactly.
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """N = `samples` sampled continuations per prompt (0: greedy), from softmax(logits /
+    temperature) cut to its top-p nucleus. seeds (B,) int64 fixes each prompt's samples;
+    None draws them from torch's global generator (torch.manual_seed makes that reproducible)."""
+
+    samples: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seeds: torch.Tensor | None = None
+
+
+def for_samples(sampling: SamplingOptions, model: Qwen2ForCausalLM, cache: KVCache,
+                mask: torch.Tensor, step_logits: torch.Tensor, tables: GrammarTables | None):
+    """The decoding state of B prompts repeated as B·N rows (row b·N + s = sample s of prompt
+    b): their own cache, mask and first logits, and the Sampler's `choose`."""
+    n, B = sampling.samples, step_logits.shape[0]
+    seeds = sampling.seeds if sampling.seeds is not None else torch.randint(0, 2**31 - 1, (B,))
+    token_ids = tables.token_ids if tables is not None else None
+    sampler = Sampler.for_prompts(seeds.to(step_logits.device), n, token_ids,
+                                  sampling.temperature, sampling.top_p)
+    return (expand_cache(cache, model, n), mask.repeat_interleave(n, 0),
+            step_logits.repeat_interleave(n, 0), sampler.choose)
 
 
 def expand_cache(cache: KVCache, model: Qwen2ForCausalLM, n: int) -> KVCache:
@@ -81,29 +203,6 @@ def expand_cache(cache: KVCache, model: Qwen2ForCausalLM, n: int) -> KVCache:
     out.advance(cache.length)
     return out
 
-
-def decode_step(model: Qwen2ForCausalLM, last: torch.Tensor, mask: torch.Tensor,
-                cache: KVCache) -> torch.Tensor:
-    """One token per row (R,) against the cache; mask (R, S) covers cache + this token → (R, V)."""
-    return model(last[:, None], mask, cache, last_only=True)[:, -1]  # (R, 1) → (R, 1, V) → (R, V)
-
-
-def decoder(model: Qwen2ForCausalLM, cache: KVCache, mask: torch.Tensor,
-            compiled: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """`step(fed (R,), i)` → (R, V), the logits of decoding step i ≥ 1 after the prefill of T =
-    cache.length tokens; mask (R, T + max_new_tokens). Eager: decode_step. Compiled: one
-    CompiledDecodeStep over the whole cache (qwen_min.compiled), the same tokens and the same
-    FLOP count; its mask covers every cache slot (those after T + max_new_tokens: 0, unused)."""
-    T = cache.length
-    if not compiled:
-        return lambda fed, i: decode_step(model, fed, mask[:, : T + i], cache)
-    step = CompiledDecodeStep(model, cache)
-    slots = mask.new_zeros(mask.shape[0], cache.k.shape[3])  # (R, room)
-    slots[:, : mask.shape[1]] = mask
-    return lambda fed, i: step(fed[:, None], slots)
-
-
-# ----------------------------------------------------------------------------- sampling
 
 MASK32 = 0xFFFFFFFF
 
@@ -195,137 +294,70 @@ class Sampler:
         return sample_tokens(scores, keys, ids, self.temperature, self.top_p)
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- prefill in row parts
+
+
+class CacheRows:
+    """Batch rows `rows` of a KVCache, for a forward pass over those rows only: what it writes
+    lands in the cache, its `length` is the cache's, and its `advance` does nothing, so that
+    `prefill` advances the cache once, after the last part. Why parts: the same work, but on
+    CPU the activations of a few rows stay in cache (a batch of 32 prefills ~15% faster in
+    parts of 4)."""
+
+    update = KVCache.update  # writes after `length` into this view's k and v
+
+    def __init__(self, cache: KVCache, rows: slice):
+        self.cache, self.k, self.v = cache, cache.k[:, rows], cache.v[:, rows]
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def advance(self, n: int) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- compiled decoding
+
+
+def decoder(model: Qwen2ForCausalLM, cache: KVCache, mask: torch.Tensor,
+            compiled: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """`step(fed (R,), i)` → (R, V), the logits of decoding step i ≥ 1 after the prefill of T =
+    cache.length tokens; mask (R, T + max_new_tokens). Eager: decode_step.
+
+    Compiled: one CompiledDecodeStep over the whole cache (qwen_min.compiled; CUDA graphs on
+    CUDA), the same tokens and the same FLOP count; its mask covers every cache slot (those
+    after T + max_new_tokens: 0, unused). Its first call compiles (≈ 25 s for a tiny model on
+    CPU; a second shape once more, as dynamic, then no more): worth it on a GPU."""
+    T = cache.length
+    if not compiled:
+        return lambda fed, i: decode_step(model, fed, mask[:, : T + i], cache)
+    step = CompiledDecodeStep(model, cache)
+    slots = mask.new_zeros(mask.shape[0], cache.k.shape[3])  # (R, room)
+    slots[:, : mask.shape[1]] = mask
+    return lambda fed, i: step(fed[:, None], slots)
+
+
+# ----------------------------------------------------------------------------- argument checks
 
 
 def check_arguments(B: int, max_new_tokens: int, prefill_rows: int, n_steps: int | None,
-                    samples: int, temperature: float, top_p: float,
-                    seeds: torch.Tensor | None) -> None:
+                    sampling: SamplingOptions | None) -> None:
     """A ValueError that names the argument, what was expected and what it got."""
     if max_new_tokens < 1 or prefill_rows < 1:
         raise ValueError(f"max_new_tokens and prefill_rows must be ≥ 1, got {max_new_tokens} "
                          f"and {prefill_rows}")
     if n_steps is not None and n_steps < 1:
         raise ValueError(f"n_steps must be ≥ 1 (or None), got {n_steps}")
+    if sampling is None:
+        return
+    samples, seeds = sampling.samples, sampling.seeds
     if samples < 0:
         raise ValueError(f"samples must be ≥ 0 (0 = greedy), got {samples}")
-    if samples and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if samples and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if samples and not sampling.temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {sampling.temperature}")
+    if samples and not 0 < sampling.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {sampling.top_p}")
     if seeds is not None and tuple(seeds.shape) != (B,):
         raise ValueError(f"seeds must have shape ({B},), one per prompt, got "
                          f"{tuple(seeds.shape)}")
-
-
-def finished(next_token: torch.Tensor, steps_written: torch.Tensor, eos_token_id: int | None,
-             n_steps: int | None) -> torch.Tensor:
-    """(R,) rows that finish with this token: it is eos, or it completed their n_steps-th step
-    (steps_written (R,) counts the ';' written so far, this token included)."""
-    now = torch.zeros_like(next_token, dtype=torch.bool)
-    if eos_token_id is not None:
-        now |= next_token == eos_token_id
-    if n_steps is not None:
-        now |= steps_written >= n_steps
-    return now
-
-
-@torch.no_grad()
-def generate(
-    model: Qwen2ForCausalLM,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    attention_mask: torch.Tensor | None = None,
-    eos_token_id: int | None = None,
-    cache: KVCache | None = None,
-    prefill_rows: int | None = None,
-    *,
-    grammar: LLMTimeGrammar | None = None,
-    n_steps: int | None = None,
-    samples: int = 0,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seeds: torch.Tensor | None = None,
-    return_logits: bool = True,
-    compiled_decode: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode up to `max_new_tokens` tokens for a left-padded batch of B prompts.
-
-    input_ids, attention_mask: (B, T), padding on the left with mask 0.
-    samples = 0: greedy, R = B rows. samples = N ≥ 1: N sampled continuations per prompt,
-    R = B·N rows, row b·N + s = sample s of prompt b; `seeds` (B,) int64 fixes each prompt's
-    samples (default: drawn from torch's global generator), `temperature` > 0, `top_p` ∈ (0, 1].
-    grammar: only tokens that LLMTimeGrammar allows are chosen (a mask; the logits stay raw).
-    n_steps: a row finishes with its n_steps-th ';'. eos_token_id: a row finishes when it writes
-    it. A finished row writes eos_token_id (with n_steps and no eos: Qwen2's <|endoftext|>) from
-    then on; the loop stops when every row has finished, or after max_new_tokens steps
-    (pass grammar.max_new_tokens(n_steps): the longest forecast the grammar allows).
-    Returns (tokens (R, n), logits (R, n, V) fp32 or None without `return_logits`), n ≤
-    max_new_tokens the steps run; logits[:, i] is what tokens[:, i] was chosen from.
-    `cache`: an empty KVCache of your own for the B prompts with room for T + max_new_tokens,
-    to reuse afterwards: it then holds the prompts in positions [0, T) (evaluate.py rewinds it
-    to T and runs the true continuation); samples decode in a cache of their own.
-    prefill_rows: prompts per prefill call; default all B on CUDA (one batch), 4 elsewhere.
-    compiled_decode: each decoding step's model call as one compiled graph (CUDA graphs on
-    CUDA; qwen_min.compiled.CompiledDecodeStep), built after the prefill for the decode cache;
-    the same tokens and FLOP count. Its first call compiles (≈ 25 s for a tiny model on CPU; a
-    second shape once more, as dynamic, then no more): worth it on a GPU.
-    """
-    B, T = input_ids.shape
-    device = input_ids.device
-    if prefill_rows is None:  # on CPU, a few rows at a time stay in the caches (see prefill)
-        prefill_rows = B if device.type == "cuda" else 4
-    check_arguments(B, max_new_tokens, prefill_rows, n_steps, samples, temperature, top_p, seeds)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    mask = attention_mask.new_ones(B, T + max_new_tokens)
-    mask[:, :T] = attention_mask
-    if cache is None:
-        cache = KVCache(model.cfg, B, T + max_new_tokens, cache_dtype(model, device), device)
-    elif cache.length != 0:
-        raise ValueError(f"generate needs an empty KV cache, this one holds {cache.length}")
-
-    step_logits = prefill(model, input_ids, mask[:, :T], cache, prefill_rows)  # (B, V)
-    tables = grammar.tables(step_logits.shape[1], device) if grammar is not None else None
-    run_cache, sampler = cache, None
-    if samples:  # N rows per prompt from here on: row b·N + s
-        run_cache = expand_cache(cache, model, samples)
-        mask = mask.repeat_interleave(samples, 0)  # (B·N, T + max_new_tokens)
-        step_logits = step_logits.repeat_interleave(samples, 0)  # (B·N, V)
-        if seeds is None:  # then torch.manual_seed makes the run reproducible
-            seeds = torch.randint(0, 2**31 - 1, (B,))
-        token_ids = tables.token_ids if tables is not None else None
-        sampler = Sampler.for_prompts(seeds.to(device), samples, token_ids, temperature, top_p)
-    rows, V = step_logits.shape
-    step = decoder(model, run_cache, mask, compiled_decode)
-    state = tables.start(rows) if tables is not None else None
-    fill = QWEN2_EOS_ID if eos_token_id is None else eos_token_id
-    semicolon = grammar.semicolon_id if grammar is not None else QWEN2_SEMICOLON_ID
-    tokens = input_ids.new_zeros(rows, max_new_tokens)
-    logits = torch.empty(rows, max_new_tokens, V, device=device) if return_logits else None
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    steps_written = torch.zeros(rows, dtype=torch.long, device=device)
-    fed = None
-
-    for i in range(max_new_tokens):
-        if i > 0:
-            step_logits = step(fed, i)
-        raw = step_logits.float()
-        if logits is not None:
-            logits[:, i] = raw
-        scores = tables.mask(raw, state) if tables is not None else raw
-        # greedy: argmax, a selection (0 FLOPs)
-        next_token = sampler.choose(scores, i) if sampler is not None else scores.argmax(-1)
-        if tables is not None:
-            state = torch.where(done, state, tables.advance(state, next_token))
-        tokens[:, i] = next_token.masked_fill(done, fill)
-        # a finished row keeps feeding the token it finished with (the model's own, so in its
-        # vocabulary even when the fill is not); its outputs are never used
-        fed = next_token if fed is None else torch.where(done, fed, next_token)
-        steps_written += next_token == semicolon
-        done |= finished(next_token, steps_written, eos_token_id, n_steps)
-        if (eos_token_id is not None or n_steps is not None) and bool(done.all()):
-            break
-    n = i + 1
-    return tokens[:, :n], (logits[:, :n] if logits is not None else None)
-

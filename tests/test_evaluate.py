@@ -47,8 +47,10 @@ def stub_generate(tokenizer, texts: list[str], boost: dict[int, list[int]] | Non
     calls = []
 
     def generate(model, ids, max_new_tokens, mask, eos_token_id=None, cache=None,
-                 prefill_rows=4, *, grammar=None, n_steps=None, samples=0, temperature=1.0,
-                 top_p=1.0, seeds=None, return_logits=True, compiled_decode=False):
+                 prefill_rows=4, *, grammar=None, n_steps=None, sampling=None,
+                 return_logits=True, compiled_decode=False):
+        samples, temperature, top_p, seeds = (sampling.samples, sampling.temperature,
+                                              sampling.top_p, sampling.seeds)
         start = sum(len(c["seeds"]) * max(c["samples"], 1) for c in calls)
         calls.append(dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                           grammar=grammar, n_steps=n_steps, samples=samples,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora import apply_lora
-from qwen_min import Qwen2Config, Qwen2ForCausalLM, count_flops, generate
+from qwen_min import Qwen2Config, Qwen2ForCausalLM, SamplingOptions, count_flops, generate
 from qwen_min.grammar import LLMTimeGrammar
 
 CFG = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -43,7 +43,8 @@ def prompts() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(grammar=LLMTimeGrammar(1), n_steps=1),
-    dict(grammar=LLMTimeGrammar(1), n_steps=1, samples=3, top_p=0.9, seeds=torch.tensor([4, 5])),
+    dict(grammar=LLMTimeGrammar(1), n_steps=1,
+         sampling=SamplingOptions(3, top_p=0.9, seeds=torch.tensor([4, 5]))),
 ], ids=["greedy", "constrained", "sampled"])  # fmt: skip
 def test_compiled_decode_gives_the_eager_tokens_logits_and_ledger(model, kw):
     ids, mask = prompts()
@@ -55,7 +56,7 @@ def test_compiled_decode_gives_the_eager_tokens_logits_and_ledger(model, kw):
     (tokens, logits, eager), (fast_tokens, fast_logits, fast) = runs[False], runs[True]
     # sampled: 3 rows per prompt; with n_steps, every row stops at its first ';' (the longest
     # step, "ddd.d,ddd.d;", is 12 tokens), before the NEW-th token
-    assert tokens.shape[0] == 2 * kw.get("samples", 1)
+    assert tokens.shape[0] == 2 * (kw["sampling"].samples if "sampling" in kw else 1)
     assert (tokens.shape[1] < NEW) == ("n_steps" in kw)
     assert fast_tokens.tolist() == tokens.tolist()
     # measured: ≤ 7.8e-6 on logits up to 7.5 (fp32, inductor's kernels)

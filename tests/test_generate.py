@@ -14,6 +14,7 @@ from qwen_min import (
     KVCache,
     Qwen2Config,
     Qwen2ForCausalLM,
+    SamplingOptions,
     count_flops,
     generate,
     load_model,
@@ -182,16 +183,20 @@ def test_seeded_sampling_reproduces_and_batched_equals_unbatched(model, tokenize
     ids, mask, _ = series_prompts(tokenizer, 3, seed=4)
     g = LLMTimeGrammar(2)
     seeds = torch.tensor([7, 123456789012, -3])
-    kw = dict(grammar=g, n_steps=2, samples=4, temperature=1.3, top_p=0.9)
-    tokens, _ = generate(model, ids, g.max_new_tokens(2), mask, seeds=seeds, **kw)
-    again, _ = generate(model, ids, g.max_new_tokens(2), mask, seeds=seeds, **kw)
+    kw = dict(grammar=g, n_steps=2)
+
+    def sampling(seeds):
+        return SamplingOptions(4, temperature=1.3, top_p=0.9, seeds=seeds)
+
+    tokens, _ = generate(model, ids, g.max_new_tokens(2), mask, sampling=sampling(seeds), **kw)
+    again, _ = generate(model, ids, g.max_new_tokens(2), mask, sampling=sampling(seeds), **kw)
     assert tokens.shape[0] == 12 and tokens.tolist() == again.tolist()
-    other, _ = generate(model, ids, g.max_new_tokens(2), mask, seeds=seeds + 1, **kw)
+    other, _ = generate(model, ids, g.max_new_tokens(2), mask, sampling=sampling(seeds + 1), **kw)
     assert other.tolist() != tokens.tolist()
     assert len({tuple(r) for r in tokens.tolist()}) > 6  # samples of one prompt differ
     for b in range(3):
         alone, _ = generate(model, row_of(ids, mask, b), g.max_new_tokens(2),
-                            seeds=seeds[b : b + 1], **kw)
+                            sampling=sampling(seeds[b : b + 1]), **kw)
         n = alone.shape[1]
         assert tokens[4 * b : 4 * b + 4, :n].tolist() == alone.tolist()  # rows b·N + s
 
@@ -214,11 +219,11 @@ def test_samples_at_temperature_near_zero_equal_greedy(model, tokenizer):
     g = LLMTimeGrammar(2)
     greedy, _ = generate(model, ids, 30, mask, grammar=g)
     for top_p in (1.0, 0.5):
-        cold, _ = generate(model, ids, 30, mask, grammar=g, samples=2, temperature=1e-5,
-                           top_p=top_p, seeds=torch.tensor([1, 2, 3]))
+        cold = SamplingOptions(2, temperature=1e-5, top_p=top_p, seeds=torch.tensor([1, 2, 3]))
+        cold, _ = generate(model, ids, 30, mask, grammar=g, sampling=cold)
         assert cold.tolist() == greedy.repeat_interleave(2, 0).tolist()
-    warm, _ = generate(model, ids, 30, mask, grammar=g, samples=2, temperature=1.0,
-                       seeds=torch.tensor([1, 2, 3]))
+    warm = SamplingOptions(2, temperature=1.0, seeds=torch.tensor([1, 2, 3]))
+    warm, _ = generate(model, ids, 30, mask, grammar=g, sampling=warm)
     assert warm.tolist() != greedy.repeat_interleave(2, 0).tolist()
 
 
@@ -251,8 +256,8 @@ def test_hooks_equal_closed_form_greedy_constrained_and_sampled(samples, top_p, 
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     with count_flops() as c:
-        tokens, _ = generate(model, ids, 24, mask, grammar=grammar, n_steps=1, samples=samples,
-                             top_p=top_p, seeds=torch.tensor([4, 5]))
+        sampling = SamplingOptions(samples, top_p=top_p, seeds=torch.tensor([4, 5]))
+        tokens, _ = generate(model, ids, 24, mask, grammar=grammar, n_steps=1, sampling=sampling)
     n = tokens.shape[1]  # the steps run: with the grammar, rows stop at their first ';'
     assert tokens.shape[0] == 2 * max(samples, 1) and (n < 24) == (grammar is not None)
     candidates = len(grammar.token_ids) if grammar is not None else None  # 13, 12 at 0 decimals
@@ -271,11 +276,12 @@ def _lora_model() -> Qwen2ForCausalLM:
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(samples=-1), "samples must be ≥ 0 (0 = greedy), got -1"),
-    (dict(samples=2, temperature=0.0), "temperature must be > 0 when sampling, got 0.0"),
-    (dict(samples=2, top_p=0.0), "top_p must be in (0, 1], got 0.0"),
-    (dict(samples=2, seeds=torch.tensor([1, 2])), "seeds must have shape (1,), one per prompt, "
-                                                   "got (2,)"),
+    (dict(sampling=SamplingOptions(-1)), "samples must be ≥ 0 (0 = greedy), got -1"),
+    (dict(sampling=SamplingOptions(2, temperature=0.0)),
+     "temperature must be > 0 when sampling, got 0.0"),
+    (dict(sampling=SamplingOptions(2, top_p=0.0)), "top_p must be in (0, 1], got 0.0"),
+    (dict(sampling=SamplingOptions(2, seeds=torch.tensor([1, 2]))),
+     "seeds must have shape (1,), one per prompt, got (2,)"),
     (dict(n_steps=0), "n_steps must be ≥ 1 (or None), got 0"),
 ])  # fmt: skip
 def test_bad_arguments_say_what_was_expected(kw, message):
@@ -291,8 +297,8 @@ def test_sampled_run_leaves_the_prompt_in_the_callers_cache():
     greedy_cache = KVCache(CFG, 2, 6 + 5, torch.float32, "cpu")
     sampled_cache = KVCache(CFG, 2, 6 + 5, torch.float32, "cpu")
     generate(model, ids, 5, cache=greedy_cache)
-    tokens, logits = generate(model, ids, 5, cache=sampled_cache, samples=3,
-                              seeds=torch.tensor([1, 2]), return_logits=False)
+    tokens, logits = generate(model, ids, 5, cache=sampled_cache, return_logits=False,
+                              sampling=SamplingOptions(3, seeds=torch.tensor([1, 2])))
     assert tokens.shape == (6, 5) and logits is None
     assert sampled_cache.length == 6  # the prompt, ready for evaluate.py's teacher-forced pass
     assert torch.equal(sampled_cache.k[:, :, :, :6], greedy_cache.k[:, :, :, :6])
