@@ -42,16 +42,8 @@ import baselines
 import data
 import flops
 from lora import AdapterError, load_adapter
-from qwen_min import (
-    CheckpointError,
-    KVCache,
-    SamplingOptions,
-    count_flops,
-    generate,
-    load_model,
-    load_tokenizer,
-)
-from qwen_min.generate import cache_dtype
+from qwen_min import CheckpointError, KVCache, count_flops, generate, load_model, load_tokenizer
+from qwen_min.generate import SamplingOptions, cache_dtype
 from qwen_min.grammar import LLMTimeGrammar
 from qwen_min.loading import DEFAULT_MODEL
 from qwen_min.model import LoRALinear, cross_entropy

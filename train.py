@@ -33,13 +33,7 @@ from tqdm import tqdm
 import data
 import flops
 from lora import apply_lora, lora_parameters, save_adapter
-from qwen_min import (
-    CheckpointError,
-    count_flops,
-    distributed,
-    load_model,
-    load_tokenizer,
-)
+from qwen_min import CheckpointError, count_flops, distributed, load_model, load_tokenizer
 from qwen_min.compiled import CompiledTrainStep, use_compile_cache
 from qwen_min.loading import DEFAULT_MODEL
 from qwen_min.runtime import (

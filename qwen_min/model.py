@@ -284,8 +284,8 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "final_norm")
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
-        """input_ids (B, T) → final-normed hidden states (B, T, d). attention_mask: (B, past + T)
-        or None (see "positions and mask"); no branch here looks at tensor values (compile)."""
+        """input_ids (B, T) → final-normed hidden states (B, T, d); attention_mask (B, past + T)
+        or None, as in "positions and mask"."""
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         positions, mask = positions_and_mask(attention_mask, B, T, past, input_ids.device)
@@ -399,9 +399,7 @@ class LoRALinear(Linear):
     `unmerge()` puts back the W₀ that merge set aside ((W₀ + ΔW) − ΔW is not bit-exactly W₀)."""
 
     def __init__(self, base: Linear, rank: int, alpha: float, dropout: float = 0.0):
-        # nn.Module's init, not Linear's: Linear's would allocate and randomly fill a new
-        # weight, where this layer shares the base layer's Parameters
-        nn.Module.__init__(self)
+        nn.Module.__init__(self)  # not Linear's, which would make a weight: this one is shared
         self.in_features, self.out_features = base.in_features, base.out_features
         self.flop_name = base.flop_name
         self.weight, self.bias = base.weight, base.bias  # the same Parameters, not copies
