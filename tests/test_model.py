@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from qwen_min import CheckpointError, ConfigError, generate, load_model, load_tokenizer
+from qwen_min.fast import chunked_linear_cross_entropy, sdpa_attention, use_fast_paths
+from qwen_min.model import attention, linear_cross_entropy
 from tests.conftest import QWEN25_05B
 
 
@@ -26,6 +28,15 @@ def test_tiny_logits_match_transformers_fp32(tiny):
     assert want.std() > 1.0  # logits far from zero, so the bound below means something
     print(f"tiny config max abs logit diff: {diff:.3e}")
     assert diff <= 1e-5, diff
+
+
+def test_load_model_swaps_in_the_fast_paths_and_they_swap_out(tiny):
+    ours = load_model(tiny[1])
+    assert {layer.self_attn.attend for layer in ours.model.layers} == {sdpa_attention}
+    assert ours.head_loss is chunked_linear_cross_entropy
+    use_fast_paths(ours, False)
+    assert {layer.self_attn.attend for layer in ours.model.layers} == {attention}
+    assert ours.head_loss is linear_cross_entropy
 
 
 def test_lm_head_is_the_embedding_parameter(tiny):
