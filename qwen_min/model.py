@@ -7,9 +7,8 @@ Beside each operation, one line adds its FLOPs by the coursework's rules (add/su
 exp/log/sqrt 10, an (m×n)(n×p) matrix product m·p·(2n−1)) to the counter of
 `qwen_min.counting.count_flops()`, if one is open; flops.py is the same rules in closed form.
 
-This file is the plain reference. qwen_min/fast.py holds faster equals of `attention` (SDPA)
-and of the loss (in chunks), which load_model swaps in; a reader can skip it.
-docs/reading-guide.md traces one forward pass through this file.
+This file is the plain reference; qwen_min/fast.py holds faster equals of `attention` (SDPA)
+and of the loss (chunked) that load_model swaps in. docs/reading-guide.md traces one pass.
 """
 
 from __future__ import annotations
@@ -96,7 +95,8 @@ class RMSNorm(nn.Module):
 # ----------------------------------------------------------------------------- RoPE
 
 
-def rope_cos_sin(cfg: Qwen2Config, position_ids: torch.Tensor, dtype: torch.dtype):
+def rope_cos_sin(cfg: Qwen2Config, position_ids: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (B, T, head_dim) for rotary position embedding, built in fp32.
 
     Pair i of a head rotates by angle pos · θ^(−2i/head_dim). Qwen uses the "rotate-half"
@@ -144,7 +144,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # take its last T values: mask [0, 1, 1 | 1] (past 3, T 1) → position [2].
 
 
-def positions_and_mask(attention_mask: torch.Tensor | None, B: int, T: int, past: int, device):
+def positions_and_mask(attention_mask: torch.Tensor | None, B: int, T: int, past: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids (B, T) of the T new tokens after `past` cached ones, and the mask
     (B, 1, T, S): True where query t may attend to key s (the 1 broadcasts over heads)."""
     if attention_mask is None:
@@ -185,7 +186,8 @@ def add_attention_flops(B: int, nh: int, T: int, S: int, hd: int) -> None:
     add_matmul_flops("attn_v", B * nh, T, S, hd)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor) -> torch.Tensor:
     """softmax(q·kᵀ/√hd, where mask is False: −inf)·v for every head, in plain ops.
     q: (B, nh, T, hd); k, v: (B, n_kv, S, hd); mask: (B, 1, T, S) from positions_and_mask.
     The softmax runs in fp32, as in transformers."""
@@ -283,7 +285,8 @@ class Qwen2Model(nn.Module):
         self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "final_norm")
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """input_ids (B, T) → final-normed hidden states (B, T, d); attention_mask (B, past + T)
         or None, as in "positions and mask"."""
         B, T = input_ids.shape
@@ -331,18 +334,18 @@ class Qwen2ForCausalLM(nn.Module):
         self.tie_weights()
         self.head_loss = linear_cross_entropy  # qwen_min.fast swaps in a chunked equal
 
-    def tie_weights(self) -> None:
-        """Share one Parameter between the embedding and the LM head (no copy)."""
+    def tie_weights(self) -> None:  # one Parameter for the embedding and the LM head, no copy
         if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V), or (B, 1, V) for the last position only (generation)."""
         h = self.model(input_ids, attention_mask, cache)
         return self.lm_head(h[:, -1:] if last_only else h)
 
-    def loss(self, input_ids, labels, attention_mask=None) -> torch.Tensor:
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """cross_entropy(h[:, :-1] Wᵀ, labels[:, 1:]): position t predicts label t + 1 (as in
         transformers), so the head never runs (and is not counted) on the last position; labels
         (B, T) are the input ids with −100 where no loss is taken."""
@@ -355,10 +358,9 @@ class Qwen2ForCausalLM(nn.Module):
 
 class KVCache:
     """Preallocated keys and values, (layers, B, n_kv, max_len, hd); `length` slots are filled.
-    In a pass each layer writes its T new positions after them (`update`), then
-    Qwen2Model.forward advances `length` by T. generate() keeps the cache in fp32 under bf16
-    autocast too (generate.cache_dtype): bf16 values are stored exactly, and each decoding
-    step's attention then runs in fp32."""
+    In a pass each layer writes its T new positions after them (`update`), then Qwen2Model
+    advances `length` by T. generate() keeps it in fp32 under bf16 autocast (cache_dtype): bf16
+    values are stored exactly, and each decoding step's attention then runs in fp32."""
 
     def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, dtype, device):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -375,12 +377,10 @@ class KVCache:
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv, S, hd) each
 
-    def advance(self, n: int) -> None:
-        """The n positions every layer has just written are filled now."""
+    def advance(self, n: int) -> None:  # the n positions every layer has just written
         self.length += n
 
-    def rewind(self, length: int) -> None:
-        """Keep the first `length` positions; the next write goes after them."""
+    def rewind(self, length: int) -> None:  # keep the first `length`; the next write follows
         if not 0 <= length <= self.length:
             raise ValueError(f"KV cache rewind to {length}: expected 0 ≤ length ≤ {self.length}")
         self.length = length
