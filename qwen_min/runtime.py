@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -91,9 +92,9 @@ class CompileFallback:
             except Exception as e:  # dynamo, inductor, a missing compiler, CUDA-graph capture
                 self.failed = True
                 reason = (str(e).strip().splitlines() or [""])[0][:200]
-                print(f"warning: --compile auto: {self.what} failed ({type(e).__name__}: "
-                      f"{reason}); continuing without compiling, with the same FLOP count "
-                      "(pass --compile off to skip the attempt)", file=sys.stderr)
+                tqdm.write(f"warning: --compile auto: {self.what} failed ({type(e).__name__}"
+                           f": {reason}); continuing without compiling, with the same FLOP "
+                           "count (pass --compile off to skip the attempt)", file=sys.stderr)
         return self.eager(*args, **kwargs)
 
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from lora import (
-    base_model_identity,
-    base_model_mismatch,
     TARGETS,
     AdapterError,
     adapter_spec,
     apply_lora,
+    base_model_identity,
+    base_model_mismatch,
     load_adapter,
     lora_layers,
     lora_parameters,

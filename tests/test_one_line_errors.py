@@ -157,6 +157,7 @@ def test_report_skips_a_metrics_jsonl_line_cut_by_a_kill(final_run, capsys):
 
 
 def test_report_on_a_truncated_forecasts_npz_is_one_line(final_run, capsys):
+    (final_run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5, "flops": 10}\n')
     npz = final_run / "eval" / "forecasts.npz"
     npz.write_bytes(npz.read_bytes()[:100])
     assert report.main(["--runs", str(final_run.parent)]) == 2
