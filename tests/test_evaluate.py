@@ -205,6 +205,24 @@ def test_baseline_run_same_outputs_and_a_zero_flop_record(setup, tmp_path):
     assert row == f"| {tmp_path / 'eval'} | 2 | baseline | 2.333 | 2.333 | 1 | 1 | 0 | — | — |"
 
 
+def test_baseline_info_averages_measures_and_counts_categories():
+    """lv-fit's residual is a measure (its mean is meaningful); its winning start is a
+    category (−1 the context mean, 0 the regression guess, 1… the grid), so metrics.json
+    counts the series per start instead of averaging the labels."""
+    info = {"residual": np.array([0.5, 1.5, 4.0]), "start": np.array([2, -1, 2])}
+    assert {k: evaluate.summarize(v) for k, v in info.items()} == {
+        "residual": 2.0, "start": {"-1": 1, "2": 2}}
+
+
+@pytest.mark.slow
+def test_lv_fit_records_its_residual_and_start_counts(setup, tmp_path):
+    assert evaluate.main(base_args(setup, tmp_path, "--baseline", "lv-fit")) == 0
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(m["baseline_info"]) == {"residual", "start"}
+    assert sum(m["baseline_info"]["start"].values()) == 2
+    assert isinstance(m["baseline_info"]["residual"], float)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--samples", "-1"], "error: --samples must be an integer ≥ 0 (0: greedy), got -1"),
     (["--samples", "4", "--temperature", "0"],
