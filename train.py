@@ -339,8 +339,13 @@ def write_config(run: Path, config: dict) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One record more; a line a full disk cuts short is skipped by read_metrics, and a
+    resume rewrites the file (truncate_metrics)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # named, for the one-line error
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def truncate_metrics(path: Path, step: int) -> None:
