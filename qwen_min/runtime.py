@@ -74,9 +74,10 @@ class CompileFallback:
     failing call is run again eagerly, so the caller sees no difference but the speed.
     (--compile on calls the compiled function directly: a failure there ends the run.)
 
-    torch.compile compiles on the first call, and CUDA-graph capture happens on the first
-    calls too, so that is where a failure shows up, before the compiled function has done any
-    work; both paths count the same FLOPs (qwen_min.compiled)."""
+    torch.compile compiles on the first call, and CUDA graphs are captured (recorded, not run)
+    on the first calls, so a failure comes before the compiled function has changed anything.
+    Both paths count the same FLOPs per step (qwen_min.compiled); work done eagerly before the
+    failure (evaluate.py: the batch's prefill) ran, so it stays counted."""
 
     def __init__(self, build: Callable[[], Callable], eager: Callable, what: str):
         self.build, self.eager, self.what = build, eager, what
@@ -93,8 +94,8 @@ class CompileFallback:
                 self.failed = True
                 reason = (str(e).strip().splitlines() or [""])[0][:200]
                 tqdm.write(f"warning: --compile auto: {self.what} failed ({type(e).__name__}"
-                           f": {reason}); continuing without compiling, with the same FLOP "
-                           "count (pass --compile off to skip the attempt)", file=sys.stderr)
+                           f": {reason}); continuing without compiling (pass --compile off to "
+                           "skip the attempt)", file=sys.stderr)
         return self.eager(*args, **kwargs)
 
 

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import data
 import evaluate
+import flops
 import report
 import sweep
 import train
@@ -278,3 +279,23 @@ def test_an_adapter_from_another_base_model_is_refused_unless_forced(files, hf_c
     assert (f"warning: {adapter}/qwen_min.json records no base model (an adapter from an older "
             f"train.py): that it was trained on --model {ckpt} is not checked"
             in capsys.readouterr().err.splitlines())
+
+
+def test_a_full_disk_leaves_the_ledger_as_it_was(tmp_path, monkeypatch):
+    """A ledger append that the disk cuts short is cut back: no half record, which would make
+    every later read of the ledger (every run's budget check) fail."""
+    ledger = tmp_path / "ledger.jsonl"
+    flops.append_ledger(ledger, {"kind": "train", "name": "a", "flops": 1})
+    before = ledger.read_bytes()
+    real = os.write
+
+    def half(fd, data):
+        real(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half)
+    with pytest.raises(OSError) as e:
+        flops.append_ledger(ledger, {"kind": "train", "name": "b", "flops": 2})
+    monkeypatch.undo()
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(ledger))
+    assert ledger.read_bytes() == before
