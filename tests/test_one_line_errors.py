@@ -247,11 +247,10 @@ def test_a_full_disk_in_train_is_one_line(files, tmp_path, capsys, monkeypatch):
 # ----------------------------------------------------------------------------- 10: base model
 
 
-def test_an_adapter_from_another_base_model_is_refused_unless_forced(files, hf_checkpoint,
-                                                                    tmp_path, capsys):
-    """The adapter was trained on the tiny checkpoint; --model is another one of the same
-    shape (other random weights): refused with one line; --force warns and evaluates; an
-    adapter that records no base (an older train.py's) is evaluated with a warning."""
+@pytest.fixture
+def foreign_adapter(files, hf_checkpoint, tmp_path):
+    """(an adapter trained on the tiny checkpoint, another checkpoint of the same shape with
+    other random weights, the message that refuses the pair)."""
     ckpt, h5 = files
     _, other = hf_checkpoint(seed=1)
     model = load_model(ckpt)
@@ -259,18 +258,33 @@ def test_an_adapter_from_another_base_model_is_refused_unless_forced(files, hf_c
     adapter = tmp_path / "adapter"
     save_adapter(model, adapter, str(ckpt), {"scaler": {"alpha": 2.0, "decimals": 2},
                                              "data_sha256": data.file_sha256(h5)})
-    assert json.loads((adapter / "adapter_config.json").read_text())[
-        "base_model_name_or_path"] == str(ckpt)
     message = (f"--model {other} is not the base model {adapter} was trained on ({ckpt}): its "
                "weights differ from those recorded (weights_sha256) in its qwen_min.json")
-    assert evaluate.main(eval_args((other, h5), tmp_path, "--adapter", str(adapter))) == 2
+    return adapter, other, message
+
+
+def test_an_adapter_from_another_base_model_is_refused(files, foreign_adapter, tmp_path,
+                                                       capsys):
+    adapter, other, message = foreign_adapter
+    assert json.loads((adapter / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(files[0])  # where PEFT looks for the base
+    assert evaluate.main(eval_args((other, files[1]), tmp_path, "--adapter", str(adapter))) == 2
     assert one_line(capsys) == (f"error: {message}; evaluate it with that model, or pass "
                                 "--force to evaluate anyway")
     assert not (tmp_path / "ledger.jsonl").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_force_or_an_unrecorded_base_evaluates_with_a_warning(files, foreign_adapter, tmp_path,
+                                                              capsys):
+    """--force overrides the refusal with a warning; an adapter that records no base (an
+    older train.py's) is evaluated with a warning, as nothing can be checked."""
+    adapter, other, message = foreign_adapter
+    ckpt, h5 = files
     assert evaluate.main(eval_args((other, h5), tmp_path, "--adapter", str(adapter),
                                    "--force")) == 0
-    err = capsys.readouterr().err.splitlines()
-    assert f"warning: {message}; evaluating anyway (--force)" in err
+    assert f"warning: {message}; evaluating anyway (--force)" in capsys.readouterr().err.split(
+        "\n")
     meta = json.loads((adapter / "qwen_min.json").read_text())
     del meta["base_model"]
     (adapter / "qwen_min.json").write_text(json.dumps(meta))
@@ -278,7 +292,7 @@ def test_an_adapter_from_another_base_model_is_refused_unless_forced(files, hf_c
                                    "--out", str(tmp_path / "old"))) == 0
     assert (f"warning: {adapter}/qwen_min.json records no base model (an adapter from an older "
             f"train.py): that it was trained on --model {ckpt} is not checked"
-            in capsys.readouterr().err.splitlines())
+            in capsys.readouterr().err.split("\n"))
 
 
 def test_a_full_disk_leaves_the_ledger_as_it_was(tmp_path, monkeypatch):
