@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from qwen_min.runtime import atomic_write_bytes
+from qwen_min.runtime import atomic_write_bytes, os_error_line
 
 DEFAULT_PATH = Path("data/lotka_volterra_data.h5")
 PAD_ID = 151643  # <|endoftext|>, Qwen2's padding token
@@ -460,7 +460,10 @@ def main(argv: list[str] | None = None) -> None:
         trajectories, time = simulate(args.systems, args.steps, args.t_max, args.seed)
     except DataError as e:
         parser.error(str(e))
-    path = write_h5(args.out, trajectories, time)
+    try:
+        path = write_h5(args.out, trajectories, time)
+    except OSError as e:  # a full disk: the file is written atomically, none is left half
+        parser.exit(2, f"error: {os_error_line(e)}\n")
     print(
         f"wrote {path}: /trajectories {trajectories.shape} float32, "
         f"/time ({len(time)},) from {time[0]:g} to {time[-1]:g}"

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import hashlib
 import io
 import json
 import sys
@@ -41,19 +43,23 @@ from tqdm import tqdm
 import baselines
 import data
 import flops
-from lora import AdapterError, load_adapter
+from lora import AdapterError, base_model_mismatch, load_adapter
 from qwen_min import CheckpointError, KVCache, count_flops, generate, load_model, load_tokenizer
 from qwen_min.generate import SamplingOptions, cache_dtype
 from qwen_min.grammar import LLMTimeGrammar
 from qwen_min.loading import DEFAULT_MODEL
 from qwen_min.model import LoRALinear, cross_entropy
 from qwen_min.runtime import (
+    CompileFallback,
     atomic_write_bytes,
     atomic_write_text,
     autocast,
+    compile_wanted,
+    os_error_line,
     pick_device,
     pick_dtype,
     provenance,
+    read_json,
 )
 
 DEFAULTS = dict(
@@ -75,6 +81,7 @@ DEFAULTS = dict(
     batch_size="auto",
     dtype="auto",
     device="auto",
+    compile="auto",  # auto: on for CUDA (decoding steps as CUDA graphs), off elsewhere
     out="runs/eval",
     ledger="runs/ledger.jsonl",
     flops_budget=flops.BUDGET,
@@ -109,14 +116,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, help="sampled continuations per series (0: greedy)")
     p.add_argument("--temperature", type=float, help="sampling temperature (> 0)")
     p.add_argument("--top-p", type=float, help="nucleus sampling: keep this much probability")
-    p.add_argument("--seed", type=int, help="sampling seed (series i uses seed + i)")
+    p.add_argument("--seed", type=int, help="sampling seed (series i's noise: a hash of the "
+                   "seed and i, its position in the split)")
     p.add_argument("--batch-size", help="series per batch, or auto (CUDA: what fits; CPU: 16)")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"])
     p.add_argument("--device")
+    p.add_argument("--compile", choices=["auto", "on", "off"], help="decoding steps as compiled "
+                   "graphs (qwen_min/compiled.py); auto: on for CUDA, and eager if it fails")
     p.add_argument("--out", help="output folder")
     p.add_argument("--ledger", help="JSONL FLOP ledger")
     p.add_argument("--flops-budget", type=float)
-    p.add_argument("--force", action="store_true", help="run even if the budget would be exceeded")
+    p.add_argument("--force", action="store_true", help="run anyway: past the FLOP budget, or "
+                   "with an adapter trained on another base model (a warning says so)")
     p.add_argument("--plot-series", type=int, help="series drawn in trajectories.png")
     p.add_argument("--compare", nargs="+", metavar="EVAL_DIR",
                    help="only draw a comparison of finished evaluations (their metrics.json)")
@@ -181,6 +192,27 @@ def encoding_from_adapter(args: argparse.Namespace, metadata: dict, where: str) 
                     f"{value}; leave the flag out (the adapter's value is used)")
         setattr(args, key, value)
     return None
+
+
+def base_model_problem(args: argparse.Namespace, model, metadata: dict) -> str | None:
+    """A one-line refusal when --model is not the base model the adapter was trained on (its
+    qwen_min.json records the base's identity: lora.base_model_identity); None when it is.
+    --force turns the refusal into a warning; an adapter from before the record is accepted
+    with a warning, as nothing can be checked."""
+    recorded = metadata.get("base_model")
+    if recorded is None:
+        print(f"warning: {args.adapter}/qwen_min.json records no base model (an adapter from an "
+              f"older train.py): that it was trained on --model {args.model} is not checked",
+              file=sys.stderr)
+        return None
+    if not (differs := base_model_mismatch(model, recorded)):
+        return None
+    message = (f"--model {args.model} is not the base model {args.adapter} was trained on "
+               f"({recorded.get('name_or_path')}): {differs} in its qwen_min.json")
+    if args.force:
+        print(f"warning: {message}; evaluating anyway (--force)", file=sys.stderr)
+        return None
+    return f"{message}; evaluate it with that model, or pass --force to evaluate anyway"
 
 
 def fill_encoding_defaults(args: argparse.Namespace) -> None:
@@ -249,24 +281,44 @@ def lora_settings(model) -> dict:
             "lora_targets": sorted({m.flop_name for m in lora})}
 
 
-def auto_batch_size(model, device: torch.device, samples: int, positions: int,
-                    new_tokens: int) -> int:
-    """Series per batch: on CUDA as many as fit in 70% of the free memory, counting per series
-    its KV caches (fp32, prompt + generated positions) and, greedy, the kept fp32 logits (every
-    generated step); 1 GiB is set aside for the activations. Sampled, no logits are kept, but
-    three caches are alive at once: the prompt's (1 row, kept for the teacher-forced pass),
-    the expanded one (N rows) and the expansion's temporary copy of the prompt (N rows, bounded
-    by the full length here). On CPU 16: larger batches only add cache misses there."""
+def auto_batch_size(model, device: torch.device, samples: int, prompt_len: int,
+                    positions: int, new_tokens: int) -> int:
+    """Series per batch: on CUDA as many as fit in 70% of the free memory, 1 GiB set aside.
+    Per series, in fp32 bytes (bf16 activations take half: an upper bound):
+      - its KV cache over `positions` (prompt + generated);
+      - the prefill's activations (on CUDA all rows go through at once), one layer at a time:
+        per prompt token its MLP's 3 intermediate-size vectors (gate, up, their product) and
+        4 hidden-size ones, and the attention's scores and weights, num_heads·T² each, should
+        SDPA fall back to its plain kernel;
+      - greedy: the kept logits of every generated step. They are allocated after the prefill
+        has freed its activations, so the larger of the two counts, beside the cache.
+      - sampled: no logits, but after the prefill three caches are alive at once: the
+        prompt's (1 row, kept for the teacher-forced pass), the expanded one (N rows) and the
+        expansion's temporary copy of the prompt (N rows, bounded by the full length here).
+    On CPU 16: larger batches only add cache misses there."""
     if device.type != "cuda":
         return CPU_BATCH
     cfg = model.cfg
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * positions * 4
+    T = prompt_len
+    prefill = 4 * T * (3 * cfg.intermediate_size + 4 * cfg.hidden_size
+                       + 2 * cfg.num_attention_heads * T)
     if samples:
-        per_series = (2 * samples + 1) * kv
+        per_series = max(kv + prefill, (2 * samples + 1) * kv)
     else:
-        per_series = kv + new_tokens * cfg.vocab_size * 4
+        per_series = kv + max(prefill, new_tokens * cfg.vocab_size * 4)
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, int((0.7 * free - 2**30) // per_series))
+
+
+def series_seeds(seed: int, positions: range) -> torch.Tensor:
+    """(B,) int64 sampling seeds of the series at these positions in the split: a hash of
+    (--seed, position). Each series' noise then depends on nothing else (not the batch), and
+    no two runs share a stream: with seed + position, --seed 1 would give series i the noise
+    that --seed 0 gave series i + 1."""
+    digests = (hashlib.sha256(f"{seed},{i}".encode()).digest() for i in positions)
+    return torch.tensor([int.from_bytes(d[:8], "little") >> 1 for d in digests],
+                        dtype=torch.int64)  # 63 bits: a non-negative int64
 
 
 def batch_flops(model, prompts, targets, new_tokens: int, samples: int, top_p: float,
@@ -292,8 +344,9 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
     new_tokens = grammar.max_new_tokens(args.forecast_steps)  # the longest n_steps can take
     size = args.batch_size
     if size == "auto":
-        positions = max(map(len, prompts)) + max(new_tokens, max(map(len, targets)))
-        size = auto_batch_size(model, device, args.samples, positions, new_tokens)
+        prompt_len = max(map(len, prompts))
+        positions = prompt_len + max(new_tokens, max(map(len, targets)))
+        size = auto_batch_size(model, device, args.samples, prompt_len, positions, new_tokens)
     batches = [slice(b, min(b + size, len(prompts))) for b in range(0, len(prompts), size)]
     # under the grammar, sampling draws from its tokens only (qwen_min.generate)
     sample_tokens = None if args.unconstrained else len(grammar.token_ids)
@@ -302,20 +355,30 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
     flops.check_budget(args.ledger, planned, args.flops_budget, args.force)
     values = np.full((len(prompts), S, args.forecast_steps, 2), np.nan)
     texts, tf_ce, gen_ce, total = [], [], [], 0
+
+    def decode(ids, mask, room: int, seeds, compiled: bool):
+        """The batch's forecasts into a fresh KV cache: (cache, tokens, step logits)."""
+        cache = KVCache(model.cfg, ids.shape[0], room, cache_dtype(model, device), device)
+        tokens, step_logits = generate(
+            model, ids, new_tokens, mask, eos_token_id=data.PAD_ID, cache=cache,
+            grammar=None if args.unconstrained else grammar, n_steps=args.forecast_steps,
+            sampling=SamplingOptions(args.samples, args.temperature, args.top_p, seeds=seeds),
+            return_logits=not args.samples,
+            # decode steps as one CUDA graph each (qwen_min/compiled.py); the same count
+            compiled_decode=compiled)
+        return cache, tokens, step_logits
+
+    compiled, eager = (functools.partial(decode, compiled=c) for c in (True, False))
+    decode_batch = compiled if compile_wanted(args.compile, device) else eager
+    if decode_batch is compiled and args.compile == "auto":  # failed: the batch again, eagerly
+        decode_batch = CompileFallback(lambda: compiled, eager, "compiled decoding")
     for sl in tqdm(batches, desc=f"eval {args.split}", unit="batch", dynamic_ncols=True):
         ids, mask = (x.to(device) for x in left_pad(prompts[sl]))
         B, T = ids.shape
         room = T + max(new_tokens, max(len(t) for t in targets[sl]))
-        cache = KVCache(model.cfg, B, room, cache_dtype(model, device), device)
         with count_flops() as counter, autocast(device, dtype):
-            tokens, step_logits = generate(
-                model, ids, new_tokens, mask, eos_token_id=data.PAD_ID, cache=cache,
-                grammar=None if args.unconstrained else grammar, n_steps=args.forecast_steps,
-                sampling=SamplingOptions(args.samples, args.temperature, args.top_p,
-                    seeds=torch.arange(sl.start, sl.stop, dtype=torch.int64) + args.seed),
-                return_logits=not args.samples,
-                # CUDA: decode steps as one CUDA graph each (qwen_min/compiled.py); same count
-                compiled_decode=device.type == "cuda")
+            cache, tokens, step_logits = decode_batch(
+                ids, mask, room, series_seeds(args.seed, range(sl.start, sl.stop)))
             first = (prompt_last_logits(model, cache, ids, mask) if args.samples
                      else step_logits[:, 0])
             tf_ce += teacher_forced_ce(model, cache, mask, targets[sl], first)
@@ -345,8 +408,18 @@ def forecast_with_baseline(args, series, time, context_steps: int, out):
     flops.append_ledger(args.ledger, {"kind": "baseline", "name": str(out), "flops": 0,
                                       "baseline": args.baseline, "split": args.split,
                                       "series": [0, len(series)]})
-    info = {k: float(np.mean(v)) for k, v in res.info.items() if np.shape(v) == (len(series),)}
+    info = {k: summarize(v) for k, v in res.info.items() if np.shape(v) == (len(series),)}
     return values, info
+
+
+def summarize(diagnostic: np.ndarray) -> float | dict[str, int]:
+    """A per-series baseline diagnostic for metrics.json: the mean of a measured one (lv-fit's
+    residual); for a categorical one (integers: lv-fit's winning start, −1, 0, 1, …), where a
+    mean means nothing, how many series took each value."""
+    if diagnostic.dtype.kind in "iub":
+        values, counts = np.unique(diagnostic, return_counts=True)
+        return {str(v): int(n) for v, n in zip(values.tolist(), counts)}
+    return float(np.mean(diagnostic))
 
 
 # ----------------------------------------------------------------------------- scores
@@ -475,9 +548,12 @@ def compare(dirs: list[str], out: Path) -> int:
         if not path.exists():
             print(f"error: {path} not found; run evaluate.py --out {d} first", file=sys.stderr)
             return 2
-        runs[d] = json.loads(path.read_text())
+        try:
+            runs[d] = read_json(path)
+        except ValueError as e:
+            return fail(f"{e}; or run evaluate.py --out {d} again")
     out.mkdir(parents=True, exist_ok=True)
-    plot_horizon(out, {d: m["mse_scaled_by_horizon"] for d, m in runs.items()},
+    plot_horizon(out, {d: m.get("mse_scaled_by_horizon", []) for d, m in runs.items()},
                  "MSE (scaled units)", "compare_horizon.png")
 
     def fmt(v) -> str:
@@ -492,7 +568,8 @@ def compare(dirs: list[str], out: Path) -> int:
 
 
 def write_outputs(out: Path, metrics: dict, indices, values, truths, texts, tf_ce, gen_ce):
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    """Every output but the figures; metrics.json last, as the mark of a finished evaluation
+    (sweep.py skips a run that has one), so a failed write (a full disk) leaves none."""
     point = point_forecast(values)
     err = (point - truths) / metrics["alpha"]
     buf = io.StringIO()
@@ -507,6 +584,7 @@ def write_outputs(out: Path, metrics: dict, indices, values, truths, texts, tf_c
     npz = io.BytesIO()
     np.savez(npz, indices=indices, forecasts=point, samples=values, truths=truths)
     atomic_write_bytes(out / "forecasts.npz", npz.getvalue())
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
 def decoding(args: argparse.Namespace) -> str:
@@ -527,9 +605,23 @@ def main(argv=None) -> int:
 
     matplotlib.use("Agg")
     args = parse_args(argv)
+    try:
+        if args.compare:
+            return compare(args.compare, Path(args.out))
+        return run_evaluation(args)
+    except (flops.LedgerError, data.DataError) as e:
+        return fail(str(e))
+    except OSError as e:  # a full disk: outputs are written atomically, none is left half
+        return fail(os_error_line(e))
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} holds no metrics.json (no finished evaluation); the "
+              f"batches that ran are on {args.ledger}. Run the same command again to evaluate "
+              "from the start", file=sys.stderr)
+        return 130
+
+
+def run_evaluation(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if args.compare:
-        return compare(args.compare, out)
     if problem := check_args(args):
         return fail(problem)
     device = pick_device(args.device)
@@ -558,11 +650,16 @@ def main(argv=None) -> int:
             return fail(f"--data {args.data} is not the file {args.adapter} was trained on (its "
                         "SHA-256 differs from the adapter's qwen_min.json): evaluate it on that "
                         "file, or its validation series may be ones it trained on")
+        if problem := base_model_problem(args, model, metadata):
+            return fail(problem)
         scaler = data.LLMTimeScaler.from_dict(metadata["scaler"])
     fill_encoding_defaults(args)
-    split = data.split_indices(len(trajectories), seed=args.split_seed)
-    if metadata is None:  # no adapter: α fitted on the training split, exactly as training does
-        scaler = data.LLMTimeScaler.fit(trajectories[split["train"]], decimals=args.decimals)
+    try:  # too few series to split, or all zero: refused as train.py refuses them
+        split = data.split_indices(len(trajectories), seed=args.split_seed)
+        if metadata is None:  # no adapter: α fitted on the training split, as training does
+            scaler = data.LLMTimeScaler.fit(trajectories[split["train"]], decimals=args.decimals)
+    except data.DataError as e:
+        return fail(f"--data {args.data}: {e}")
     indices = split[args.split][: args.limit]
     series = trajectories[indices]
     context_steps = int(round(args.context_fraction * series.shape[1]))
@@ -613,7 +710,6 @@ def main(argv=None) -> int:
         "provenance": provenance(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_outputs(out, metrics, indices, values, truths, texts, tf_ce, gen_ce)
     title = (f"baseline: {args.baseline}" if args.baseline else
              f"{args.model}" + (f" + {args.adapter}" if args.adapter else " (no adapter)"))
     rows = list(range(min(args.plot_series, len(series))))
@@ -622,6 +718,7 @@ def main(argv=None) -> int:
     plot_horizon(out, {"MSE": metrics["mse_scaled_by_horizon"],
                        "MAE": metrics["mae_scaled_by_horizon"]}, "error (scaled units)",
                  "horizon.png")
+    write_outputs(out, metrics, indices, values, truths, texts, tf_ce, gen_ce)  # the last
     print(json.dumps({k: v for k, v in metrics.items() if not k.endswith("horizon")}, indent=2))
     return 0
 

@@ -44,6 +44,7 @@ Conventions (the coursework's rules; costs: add/sub/negate/multiply/divide 1, ex
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import os
@@ -522,11 +523,16 @@ def append_ledger(path: str | Path, record: dict) -> None:
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the lock file is closed
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(fd).st_size
         try:
             if _ends_without_newline(fd):  # a line someone wrote by hand without one
                 line = b"\n" + line
-            os.write(fd, line)
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "No space left on device (a short write)")
             os.fsync(fd)
+        except OSError as e:  # a full disk: cut the half record, the ledger stays readable
+            os.ftruncate(fd, size)
+            raise OSError(e.errno, e.strerror, str(path)) from None
         finally:
             os.close(fd)
 

@@ -24,7 +24,6 @@ import base64
 import html
 import io
 import itertools
-import json
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +40,8 @@ import numpy as np
 
 import data
 import flops
-from qwen_min.runtime import atomic_write_bytes, atomic_write_text, provenance
+from qwen_min import runtime
+from qwen_min.runtime import atomic_write_bytes, atomic_write_text, os_error_line, provenance
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # metrics.json keys in table order; the optional ones (newer evaluate.py) get a column when a
@@ -186,19 +187,27 @@ def to_html(page: Page, title: str) -> str:
 
 def read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReportError(f"{path}: not readable JSON ({e}); repair or remove it") from None
-    if not isinstance(value, dict):
-        raise ReportError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+        return runtime.read_json(path)
+    except ValueError as e:
+        raise ReportError(str(e)) from None
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """metrics.jsonl as train.py reads it: a last line cut short by a kill is skipped."""
     try:
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return runtime.read_jsonl(path)
+    except UnicodeDecodeError as e:
         raise ReportError(f"{path}: not readable JSON lines ({e}); repair or remove it") from None
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """forecasts.npz's arrays; ReportError when the file is cut short or corrupt."""
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ReportError(f"{path}: not a readable .npz file ({e}); it is truncated or corrupt: "
+                          "run evaluate.py for that folder again, or remove the folder") from None
 
 
 def stamp(path: Path) -> tuple[str, str]:
@@ -450,10 +459,10 @@ def training_table(run: Path) -> Table:
 def interval_figure(npz_path: Path, out: Path) -> Path | None:
     """Median and 50%/90% intervals of the sampled forecasts (forecasts.npz `samples`, shape
     (N, S, H, 2)) for the first series, beside the truth; None for greedy forecasts."""
-    with np.load(npz_path) as f:
-        if "samples" not in f.files:
-            return None
-        samples, truths = f["samples"], f["truths"]
+    forecasts = read_npz(npz_path)
+    if "samples" not in forecasts:
+        return None
+    samples, truths = forecasts["samples"], forecasts["truths"]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -628,11 +637,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         md, page = build(root, out)
+        atomic_write_text(out / "report.md", md)
+        atomic_write_text(out / "index.html", page)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    atomic_write_text(out / "report.md", md)
-    atomic_write_text(out / "index.html", page)
+    except OSError as e:  # a full disk: every file is written atomically, none is left half
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
     print(f"wrote {out / 'report.md'} ({len(md.encode()) / 1024:.0f} KiB) and "
           f"{out / 'index.html'} ({len(page.encode()) / 1024:.0f} KiB) in "
           f"{time.perf_counter() - t0:.1f} s")

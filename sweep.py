@@ -49,10 +49,11 @@ import flops
 from qwen_min import CheckpointError
 from qwen_min.loading import DEFAULT_MODEL, ConfigError, load_config, resolve_checkpoint
 from qwen_min.model import Qwen2Config
-from qwen_min.runtime import atomic_write_bytes, atomic_write_text, provenance
+from qwen_min.runtime import atomic_write_bytes, atomic_write_text, os_error_line, provenance
 
 HERE = Path(__file__).resolve().parent
 BUDGET_EXIT = 3  # train.py's and evaluate.py's exit code for a refused run
+INTERRUPTED = 130  # their exit code after Ctrl-C (128 + SIGINT), and the sweep's
 MAX_STRIDE = 256  # train.py's window stride, capped by each run's context length
 STAGE_STEPS = {"grid": "grid_steps", "context": "context_steps", "final": "final_steps"}
 PUBLISHED = flops.DEFAULT_PLAN
@@ -242,6 +243,8 @@ def train_and_eval(args: argparse.Namespace, name: str, rank: int, lr: float, co
         for script, cmd in (("train.py", train),
                             ("evaluate.py", eval_command(args, run_dir, device))):
             code = run(cmd)
+            if code == INTERRUPTED:  # Ctrl-C reaches the child too: it saved what it could
+                raise KeyboardInterrupt
             if code == BUDGET_EXIT:
                 print(f"sweep: {name}: {script} refused: the budget would be exceeded")
                 return None
@@ -425,11 +428,23 @@ def run_stages(args: argparse.Namespace, plan: flops.Plan, cfg: Qwen2Config
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(resolve_checkpoint(args.model))
-        evaluation = evaluation_size(args)
-    except (CheckpointError, ConfigError, data.DataError) as e:
+        return run_sweep(args)
+    except (CheckpointError, ConfigError, data.DataError, flops.LedgerError) as e:
         print(f"sweep.py: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk: every file is written atomically, none is left half
+        print(f"sweep.py: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sweep.py: interrupted; run the same command again to continue: finished runs "
+              "are skipped and an interrupted run resumes", file=sys.stderr)
+        return INTERRUPTED
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    cfg = load_config(resolve_checkpoint(args.model))
+    evaluation = evaluation_size(args)
+    flops.ledger_total(args.ledger)  # a malformed ledger stops the sweep before its first run
     try:
         plan, changes = choose_plan(args, cfg, evaluation)
     except ValueError as e:  # flops.fit_plan: the plan cannot be fitted to the budget

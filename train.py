@@ -37,12 +37,16 @@ from qwen_min import CheckpointError, count_flops, distributed, load_model, load
 from qwen_min.compiled import CompiledTrainStep, use_compile_cache
 from qwen_min.loading import DEFAULT_MODEL
 from qwen_min.runtime import (
+    CompileFallback,
     atomic_write_bytes,
     autocast,
+    compile_wanted,
+    os_error_line,
     pick_device,
     pick_dtype,
     provenance,
 )
+from qwen_min.runtime import read_jsonl as read_metrics  # a line cut by a kill is skipped
 
 DEFAULTS = dict(
     model=DEFAULT_MODEL,
@@ -321,19 +325,13 @@ def write_config(run: Path, config: dict) -> None:
 
 
 def append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a line cut short by a kill (only ever the last) is skipped."""
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """One record more; a line a full disk cuts short is skipped by read_metrics, and a
+    resume rewrites the file (truncate_metrics)."""
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # named, for the one-line error
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -511,8 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     world = distributed.init_from_env(pick_device(args.device))
     try:
         return run_training(args, world)
-    except RunError as e:
+    except (RunError, flops.LedgerError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk: every file is written atomically, none is left half
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C: the ledger has its record, state.pt is intact
         print(f"aborted; continue with  python train.py --out {args.out} --resume",
@@ -524,18 +525,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def pick_step(args, model, optimizer, world: distributed.World, device, dtype):
     """The step function `(batch, lr) -> (loss, counted FLOPs)`: the whole step compiled as one
-    graph (CUDA graphs on CUDA), or the eager train_step, through DDP under torchrun."""
-    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda"
-                                         and world.size == 1)
-    if compiled and world.size > 1:
+    graph (CUDA graphs on CUDA), or the eager train_step, through DDP under torchrun. Under
+    --compile auto a compile that fails falls back to the eager step (CompileFallback)."""
+    if args.compile == "on" and world.size > 1:
         raise RunError("--compile on is not supported under torchrun (several processes); "
                        "pass --compile off or auto")
-    if compiled:  # a second run (a sweep's next one) reuses the compiled kernels from disk
+    trainer = distributed.data_parallel(model, world)
+
+    def eager(batch, lr):
+        return train_step(trainer, optimizer, batch, lr, device, dtype)
+
+    def compiled():  # a second run (a sweep's next one) reuses the compiled kernels from disk
         use_compile_cache(Path(args.ledger).parent / "compile-cache")
         return CompiledTrainStep(model, optimizer, args.batch_size, args.context_length,
                                  device, dtype)
-    trainer = distributed.data_parallel(model, world)
-    return lambda batch, lr: train_step(trainer, optimizer, batch, lr, device, dtype)
+
+    if world.size > 1 or not compile_wanted(args.compile, device):
+        return eager
+    if args.compile == "on":
+        return compiled()
+    return CompileFallback(compiled, eager, "the compiled train step")
 
 
 def run_training(args: argparse.Namespace, world: distributed.World) -> int:
@@ -607,7 +616,7 @@ def run_training(args: argparse.Namespace, world: distributed.World) -> int:
     print(f"{run}: {n_windows} training windows of {L} tokens, LoRA r={args.rank} "
           f"alpha={args.alpha:g} on {','.join(targets)} ({n_trainable:,} trainable), "
           f"{device} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}"
-          f"{', compiled' if isinstance(step_fn, CompiledTrainStep) else ''}"
+          f"{', compiled' if isinstance(step_fn, (CompiledTrainStep, CompileFallback)) else ''}"
           f"{f', {world.size} processes' if world.size > 1 else ''}, planned {planned:.3g} FLOPs")
     ledger = RunLedger(args, run, progress, targets)
     # purge_step: events a killed session logged after its last checkpoint are replaced

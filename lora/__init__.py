@@ -10,8 +10,8 @@ to and from disk in the layout of PEFT's `save_pretrained` / `PeftModel.from_pre
                                    "target_modules": ["q_proj", "v_proj"], ...}
       adapter_model.safetensors   "base_model.model." + our parameter name + ".weight", e.g.
                                   base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
-      qwen_min.json               this project's metadata (data scaling, training config);
-                                  PEFT ignores it
+      qwen_min.json               this project's metadata (data scaling, training config,
+                                  the base model's identity); PEFT ignores it
 
 Our module names are the checkpoint keys, so PEFT's keys are ours with a fixed prefix and
 suffix: no key table. An adapter saved here loads in PEFT on transformers' Qwen2, and one
@@ -20,8 +20,10 @@ saved by PEFT for Qwen2 loads here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +40,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "qwen_min.json"
 PEFT_PREFIX = "base_model.model."  # PeftModel → LoraModel → our Qwen2ForCausalLM
+# the base tensors fingerprinted: never LoRA targets, so a merged adapter leaves them as they are
+IDENTITY_TENSORS = ("model.embed_tokens.weight", "model.norm.weight")
+FINGERPRINT_VALUES = 4096  # evenly spaced values of each, enough to tell two trainings apart
 
 # adapter_config.json fields that we read, or that do not change what the adapter computes
 # (bookkeeping, initialisation schemes). Any other field must be unset, false or empty.
@@ -140,6 +145,39 @@ def adapter_spec(layers: dict[str, LoRALinear]) -> LoraSpec:
                     dropouts.pop())
 
 
+# ----------------------------------------------------------------------------- base model
+
+
+def base_model_identity(model: nn.Module, name_or_path: str) -> dict:
+    """What an adapter was trained on: the base's name, a SHA-256 of its config (without
+    torch_dtype, a storage choice) and one of a few thousand of its weights, rounded to bf16
+    first, so that the same base loaded in bf16 or fp32 has the same fingerprint. Two bases of
+    one shape (Qwen2.5-0.5B and its Instruct version) share the config, not the weights."""
+    config = {k: v for k, v in asdict(model.cfg).items() if k != "torch_dtype"}
+    weights = hashlib.sha256()
+    parameters = dict(model.named_parameters())
+    for name in IDENTITY_TENSORS:
+        flat = parameters[name].detach().flatten()
+        some = flat[:: max(1, flat.numel() // FINGERPRINT_VALUES)][:FINGERPRINT_VALUES]
+        weights.update(some.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return {
+        "name_or_path": str(name_or_path),
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "weights_sha256": weights.hexdigest(),
+    }
+
+
+def base_model_mismatch(model: nn.Module, recorded: dict) -> str | None:
+    """How `model` differs from the base identity an adapter recorded (base_model_identity),
+    as a clause for a message; None when it is the same base."""
+    mine = base_model_identity(model, "")
+    if recorded.get("config_sha256") != mine["config_sha256"]:
+        return "its config.json differs from the one recorded (config_sha256)"
+    if recorded.get("weights_sha256") != mine["weights_sha256"]:
+        return "its weights differ from those recorded (weights_sha256)"
+    return None
+
+
 # ----------------------------------------------------------------------------- save
 
 
@@ -150,8 +188,10 @@ def save_adapter(
     metadata: dict | None = None,
 ) -> Path:
     """Write adapter_config.json, adapter_model.safetensors and qwen_min.json (`metadata`, {}
-    when None) to `out_dir`, each file atomically. A merged model saves the same A and B: they
-    are separate tensors, merge only changes the base weights."""
+    when None, plus "base_model": base_model_identity) to `out_dir`, each file atomically. A
+    merged model saves the same A and B: they are separate tensors, merge only changes the
+    base weights. base_model_name_or_path goes to adapter_config.json too, where PEFT's
+    PeftModel.from_pretrained looks for the base."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA adapter to save; call apply_lora first")
@@ -170,7 +210,8 @@ def save_adapter(
                for name, p in lora_parameters(model).items()}
     # serialise before writing anything: metadata that is not JSON leaves the folder as it was
     config_text = json.dumps(config, indent=2) + "\n"
-    metadata_text = json.dumps(metadata or {}, indent=2) + "\n"
+    identity = base_model_identity(model, base_model_name_or_path)
+    metadata_text = json.dumps((metadata or {}) | {"base_model": identity}, indent=2) + "\n"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / WEIGHTS_FILE, save(tensors, {"format": "pt"}))
@@ -333,7 +374,8 @@ def _describe(spec: LoraSpec) -> str:
 
 
 __all__ = [
-    "AdapterError", "LoraSpec", "TARGETS", "adapter_spec", "apply_lora", "load_adapter",
+    "AdapterError", "LoraSpec", "TARGETS", "adapter_spec", "apply_lora", "base_model_identity",
+    "base_model_mismatch", "load_adapter",
     "lora_layers", "lora_parameters", "mark_only_lora_trainable", "merge_lora",
     "read_adapter_config", "read_adapter_metadata", "save_adapter", "unmerge_lora",
 ]

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
 from .fast import use_fast_paths
+from .generate import QWEN2_EOS_ID
 from .model import Qwen2Config, Qwen2ForCausalLM
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -182,11 +183,35 @@ def load_model(
 
 
 def load_tokenizer(name_or_path: str | Path = DEFAULT_MODEL) -> Tokenizer:
-    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` (no transformers needed)."""
+    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer` (no transformers needed),
+    checked to be Qwen2's (check_qwen2_tokenizer)."""
     path = resolve_checkpoint(name_or_path) / "tokenizer.json"
     if not path.exists():
         raise CheckpointError(f"{path}: missing; the checkpoint folder needs tokenizer.json")
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as e:
         raise CheckpointError(f"{path}: not a valid tokenizer.json ({e})") from None
+    check_qwen2_tokenizer(tokenizer, path)
+    return tokenizer
+
+
+LLMTIME_PROBE = "1.23,4.56;78.90,0.05;"  # LLMTIME text: one token per character in Qwen2
+
+
+def check_qwen2_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
+    """CheckpointError unless the tokenizer does what LLMTIME relies on in Qwen2's: one token per
+    digit and per '.', ',' and ';' between digits, and <|endoftext|> (the padding and end
+    token) at id 151643."""
+    n = len(tokenizer.encode(LLMTIME_PROBE, add_special_tokens=False).ids)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    if n != len(LLMTIME_PROBE):
+        why = f"it writes {LLMTIME_PROBE!r} as {n} tokens, expected {len(LLMTIME_PROBE)}"
+    elif eos != QWEN2_EOS_ID:
+        why = f"its <|endoftext|> is id {eos}, expected {QWEN2_EOS_ID}"
+    else:
+        return
+    raise CheckpointError(
+        f"{path}: not Qwen2's tokenizer ({why}); LLMTIME needs one token per digit and "
+        "separator: put the tokenizer.json of Qwen/Qwen2.5-0.5B-Instruct in that folder"
+    )

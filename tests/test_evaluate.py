@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import data
 import evaluate
 import flops
 from lora import apply_lora, save_adapter
-from qwen_min import generate, load_model, load_tokenizer
+from qwen_min import Qwen2Config, generate, load_model, load_tokenizer
 from tools.checkpoints import write_tiny_checkpoint
 
 
@@ -154,7 +155,8 @@ def test_sampled_forecasts(setup, tmp_path, monkeypatch):
     assert m["generation_ce"] is None and m["teacher_forced_ce"] > 0
     assert m["decoding"] == "grammar-constrained, 3 samples"
     (call,) = stub.calls
-    assert call["seeds"] == [5, 6] and call["samples"] == 3 and call["return_logits"] is False
+    assert call["seeds"] == evaluate.series_seeds(5, range(2)).tolist()
+    assert call["samples"] == 3 and call["return_logits"] is False
     assert (call["temperature"], call["top_p"]) == (0.7, 0.9)
     saved = np.load(tmp_path / "eval" / "forecasts.npz")
     assert saved["samples"].shape == (2, 3, 3, 2)
@@ -203,6 +205,24 @@ def test_baseline_run_same_outputs_and_a_zero_flop_record(setup, tmp_path):
     assert evaluate.main(["--compare", str(tmp_path / "eval"), "--out", str(tmp_path / "c")]) == 0
     row = (tmp_path / "c" / "compare.md").read_text().splitlines()[2]
     assert row == f"| {tmp_path / 'eval'} | 2 | baseline | 2.333 | 2.333 | 1 | 1 | 0 | — | — |"
+
+
+def test_baseline_info_averages_measures_and_counts_categories():
+    """lv-fit's residual is a measure (its mean is meaningful); its winning start is a
+    category (−1 the context mean, 0 the regression guess, 1… the grid), so metrics.json
+    counts the series per start instead of averaging the labels."""
+    info = {"residual": np.array([0.5, 1.5, 4.0]), "start": np.array([2, -1, 2])}
+    assert {k: evaluate.summarize(v) for k, v in info.items()} == {
+        "residual": 2.0, "start": {"-1": 1, "2": 2}}
+
+
+@pytest.mark.slow
+def test_lv_fit_records_its_residual_and_start_counts(setup, tmp_path):
+    assert evaluate.main(base_args(setup, tmp_path, "--baseline", "lv-fit")) == 0
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(m["baseline_info"]) == {"residual", "start"}
+    assert sum(m["baseline_info"]["start"].values()) == 2
+    assert isinstance(m["baseline_info"]["residual"], float)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -353,15 +373,21 @@ def test_generation_ce_stops_at_the_rows_own_end(setup):
     assert evaluate.generation_ce(logits, row, target) == pytest.approx(math.log(V), rel=1e-6)
 
 
-def test_auto_batch_size_fits_free_cuda_memory(setup, monkeypatch):
-    """Per series, fp32: KV cache 2·layers·n_kv·head_dim·positions·4 = 2·2·2·16·100·4 =
-    51,200 bytes per row, logits 10·151,936·4 = 6,077,440 bytes; 70% of 10 GiB − 1 GiB.
-    Sampled (8): the prompt's cache, the 8 expanded rows and the expansion's 8-row copy."""
-    model = load_model(setup[0])
+def test_auto_batch_size_counts_the_prefill_activations(monkeypatch):
+    """Qwen2.5-0.5B's shapes, 10 GiB free (faked: no GPU needed), a 770-token prompt and 140
+    generated tokens (910 positions). Per series, fp32 bytes:
+      KV cache   2·24 layers·2 KV heads·64·910·4          =  22,364,160
+      prefill    770·(3·4864 + 4·896 + 2·14·770)·4          = 122,386,880
+      logits     140·151,936·4                              =  85,084,160
+    Greedy: cache + the larger of prefill and logits (the logits come after the prefill has
+    freed its activations); counting the cache and logits alone would give 59. Sampled (20):
+    the prompt's cache, the 20 expanded rows and the expansion's 20-row copy outweigh it."""
+    model = SimpleNamespace(cfg=Qwen2Config())
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
-    cuda = torch.device("cuda")
-    greedy = evaluate.auto_batch_size(model, cuda, 0, 100, 10)
-    assert greedy == (0.7 * 10 * 2**30 - 2**30) // (51_200 + 6_077_440) == 1051
-    sampled = evaluate.auto_batch_size(model, cuda, 8, 100, 10)
-    assert sampled == (0.7 * 10 * 2**30 - 2**30) // (17 * 51_200) == 7401
-    assert evaluate.auto_batch_size(model, torch.device("cpu"), 8, 100, 10) == 16
+    cuda, room = torch.device("cuda"), 0.7 * 10 * 2**30 - 2**30
+    greedy = evaluate.auto_batch_size(model, cuda, 0, 770, 910, 140)
+    assert greedy == room // (22_364_160 + 122_386_880) == 44
+    assert evaluate.auto_batch_size(model, cuda, 2, 770, 910, 140) == 44  # 5 caches < prefill
+    sampled = evaluate.auto_batch_size(model, cuda, 20, 770, 910, 140)
+    assert sampled == room // (41 * 22_364_160) == 7
+    assert evaluate.auto_batch_size(model, torch.device("cpu"), 8, 770, 910, 140) == 16

@@ -93,3 +93,15 @@ def test_bad_settings_say_what_to_do():
         LLMTimeGrammar(-1)
     with pytest.raises(ValueError, match=r"^n_steps must be an integer ≥ 1, got 0$"):
         LLMTimeGrammar(2).max_new_tokens(0)
+
+
+@pytest.mark.parametrize("decimals, candidates", [(0, [11, *range(15, 25), 26]),
+                                                  (2, [11, 13, *range(15, 25), 26])])
+def test_sampling_candidates_are_the_ids_some_state_allows(decimals, candidates):
+    """Sampling draws from token_ids only, and their count prices sampling in the FLOP count
+    (the hooks and the plan alike, so their equality test cannot see a wrong count): at 0
+    decimals no number has a '.', so the 12 ids of '0'..'9', ',' and ';', not 13."""
+    g = LLMTimeGrammar(decimals)
+    tables = g.tables(QWEN2_VOCAB)
+    assert list(g.token_ids) == candidates == tables.token_ids.tolist()
+    assert tables.allowed.any(0).nonzero().flatten().tolist() == candidates

@@ -17,6 +17,8 @@ from lora import (
     AdapterError,
     adapter_spec,
     apply_lora,
+    base_model_identity,
+    base_model_mismatch,
     load_adapter,
     lora_layers,
     lora_parameters,
@@ -271,9 +273,10 @@ def test_adapter_folder_contents_and_metadata_round_trip(tmp_path):
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 6.5,
         "target_modules": ["v_proj", "down_proj"], "lora_dropout": 0.1, "bias": "none",
         "fan_in_fan_out": False, "base_model_name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"}
-    assert read_adapter_metadata(tmp_path) == meta
+    recorded = meta | {"base_model": base_model_identity(model, "Qwen/Qwen2.5-0.5B-Instruct")}
+    assert read_adapter_metadata(tmp_path) == recorded
     fresh = small_model()
-    assert load_adapter(fresh, tmp_path) == meta
+    assert load_adapter(fresh, tmp_path) == recorded
     assert adapter_spec(lora_layers(fresh)) == (4, 6.5, ("v_proj", "down_proj"), 0.1)
     for name, p in lora_parameters(fresh).items():
         assert torch.equal(p, lora_parameters(model)[name]), name
@@ -289,6 +292,27 @@ def test_bad_metadata_leaves_the_saved_adapter_untouched(tmp_path):
     with pytest.raises(TypeError):
         save_adapter(model, tmp_path, "base", {"step": object()})
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files  # and no temp files
+
+
+def test_the_base_model_identity_tells_bases_of_one_shape_apart():
+    """qwen_min.json records the base: the same weights in bf16 or merged with the adapter
+    are the same base; other weights of the same shape, or another config, are not."""
+    model = small_model()
+    recorded = base_model_identity(model, "base")
+    assert recorded["name_or_path"] == "base"
+    assert [len(recorded[k]) for k in ("config_sha256", "weights_sha256")] == [64, 64]
+    apply_lora(model, rank=2, targets=("q_proj", "gate_proj"))
+    randomize(lora_parameters(model).items())
+    merge_lora(model)
+    assert base_model_mismatch(model, recorded) is None
+    assert base_model_mismatch(small_model().to(torch.bfloat16), recorded) is None
+    other = small_model()
+    with torch.no_grad():
+        other.model.embed_tokens.weight[5, 3] += 0.5  # one value among the fingerprinted ones
+    assert base_model_mismatch(other, recorded) == (
+        "its weights differ from those recorded (weights_sha256)")
+    assert base_model_mismatch(small_model(rms_norm_eps=1e-5), recorded) == (
+        "its config.json differs from the one recorded (config_sha256)")
 
 
 # ----------------------------------------------------------------------------- load errors
