@@ -162,7 +162,8 @@ def test_every_argument_is_documented(flags_by_page):
     undocumented = {s: sorted(f for f in script_flags(s) if (s, f) not in documented)
                     for s in SCRIPTS}
     undocumented = {s: f for s, f in undocumented.items() if f}
-    assert undocumented == {}, f"in no page of README.md or docs/: {undocumented}"
+    assert undocumented == {}, (f"in no page of README.md or docs/: {undocumented} (a flag "
+                                "belongs to the script named last before it on its page)")
 
 
 def test_relative_links_resolve():
