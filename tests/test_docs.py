@@ -27,7 +27,7 @@ OTHER_COMMANDS = ("torchrun", "tensorboard", "pytest", "pip", "git", "ruff", "ch
 
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 INLINE_CODE = re.compile(r"`[^`\n]+`")
-MAKE = re.compile(r"\bmake((?:\s+[A-Z_]+=\S*)*)\s+([a-z][\w-]*)")
+MAKE = re.compile(r'\bmake((?:\s+[A-Z_]+=\S*)*)\s+([a-z][\w-]*)((?:\s+[A-Z_]+=(?:"[^"]*"|\S*))*)')
 SCRIPT_PATH = re.compile(r"(?<![\w./-])((?:[\w.-]+/)*[\w-]+\.(?:py|sh))\b")
 COMMAND = re.compile(r"(?<![\w./-])(" + "|".join(OTHER_COMMANDS) + r")\b(?![/.-])")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
@@ -146,6 +146,16 @@ def test_every_make_target_named_exists(targets):
                for p in PAGES for i, kind, t in mentions(p.read_text(), targets)
                if kind == "make" and t not in targets]
     assert missing == [], "named in the docs, not a Makefile target:\n" + "\n".join(missing)
+
+
+def test_every_make_variable_named_is_used_by_the_makefile():
+    makefile = (ROOT / "Makefile").read_text()
+    unused = [f"{p.relative_to(ROOT)}: make {m.group(2)} {name}="
+              for p in PAGES for start, end in code_spans(p.read_text())
+              for m in MAKE.finditer(p.read_text()[start:end])
+              for name in re.findall(r"([A-Z_]+)=", m.group(1) + m.group(3))
+              if f"$({name})" not in makefile]
+    assert unused == [], "\n".join(unused)
 
 
 def test_every_flag_named_is_an_argument_of_its_script(flags_by_page):
