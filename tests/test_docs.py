@@ -37,8 +37,13 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 def code_spans(text: str) -> list[tuple[int, int]]:
     """(start, end) of every fenced block and inline code span: where `make X` is a command."""
     fenced = [m.span() for m in FENCE.finditer(text)]
-    inside = lambda i: any(a <= i < b for a, b in fenced)  # noqa: E731
-    return fenced + [m.span() for m in INLINE_CODE.finditer(text) if not inside(m.start())]
+    inline = [m.span() for m in INLINE_CODE.finditer(text)
+              if not any(a <= m.start() < b for a, b in fenced)]
+    return fenced + inline
+
+
+def line_of(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
 
 
 def makefile_targets() -> dict[str, str]:
@@ -86,7 +91,7 @@ def attributed_flags(text: str, targets: dict[str, str]) -> list[tuple[int, str 
         if kind == "tool":
             subject = value
         elif kind == "flag":
-            out.append((text.count("\n", 0, offset) + 1, subject, value))
+            out.append((line_of(text, offset), subject, value))
     return out
 
 
@@ -121,6 +126,11 @@ def targets() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
+def script_args() -> dict[str, set[str]]:
+    return {s: script_flags(s) for s in SCRIPTS}
+
+
+@pytest.fixture(scope="module")
 def flags_by_page(targets) -> dict[str, list[tuple[int, str | None, str]]]:
     return {str(p.relative_to(ROOT)): attributed_flags(p.read_text(), targets) for p in PAGES}
 
@@ -142,7 +152,7 @@ def test_makefile_targets_map_to_their_scripts(targets):
 
 
 def test_every_make_target_named_exists(targets):
-    missing = [f"{p.relative_to(ROOT)}:{p.read_text().count(chr(10), 0, i) + 1}: make {t}"
+    missing = [f"{p.relative_to(ROOT)}:{line_of(p.read_text(), i)}: make {t}"
                for p in PAGES for i, kind, t in mentions(p.read_text(), targets)
                if kind == "make" and t not in targets]
     assert missing == [], "named in the docs, not a Makefile target:\n" + "\n".join(missing)
@@ -158,19 +168,18 @@ def test_every_make_variable_named_is_used_by_the_makefile():
     assert unused == [], "\n".join(unused)
 
 
-def test_every_flag_named_is_an_argument_of_its_script(flags_by_page):
-    args = {s: script_flags(s) for s in SCRIPTS}
+def test_every_flag_named_is_an_argument_of_its_script(flags_by_page, script_args):
     wrong = [f"{page}:{line}: {flag} follows no script name" if script is None
              else f"{page}:{line}: {flag} is not an argument of {script}.py"
              for page, flags in flags_by_page.items() for line, script, flag in flags
-             if script is None or (script != OTHER and flag not in args[script])]
+             if script is None or (script != OTHER and flag not in script_args[script])]
     assert wrong == [], "\n".join(wrong)
 
 
-def test_every_argument_is_documented(flags_by_page):
+def test_every_argument_is_documented(flags_by_page, script_args):
     documented = {(script, flag) for flags in flags_by_page.values() for _, script, flag in flags}
-    undocumented = {s: sorted(f for f in script_flags(s) if (s, f) not in documented)
-                    for s in SCRIPTS}
+    undocumented = {s: sorted(f for f in args if (s, f) not in documented)
+                    for s, args in script_args.items()}
     undocumented = {s: f for s, f in undocumented.items() if f}
     assert undocumented == {}, (f"in no page of README.md or docs/: {undocumented} (a flag "
                                 "belongs to the script named last before it on its page)")
@@ -196,6 +205,6 @@ def test_ci_runs_what_the_readme_says(targets):
     readme = (ROOT / "README.md").read_text()
     paragraph = next(p for p in readme.split("\n\n") if ".ci/run" in p)
     said = list(dict.fromkeys(t for _, kind, t in mentions(paragraph, targets) if kind == "make"))
-    ci = (ROOT / ".ci/run").read_text()
-    run = [m.group(2) for m in MAKE.finditer(ci) if m.start() == ci.rfind("\n", 0, m.start()) + 1]
+    run = [m.group(2) for line in (ROOT / ".ci/run").read_text().splitlines()
+           if (m := MAKE.match(line))]
     assert said and said == run, f"README.md says CI runs {said}; .ci/run runs {run}"
