@@ -251,7 +251,7 @@ def find_runs(root: Path, out: Path) -> Runs:
     evals = {p.parent: read_json(p) for p in sorted(root.rglob("metrics.json")) if visible(p)}
     evals = {d: m for d, m in evals.items() if "n_series" in m}
     sweeps = sorted({p.parent for p in root.rglob("summary.csv") if visible(p)}
-                    | {p.parent for p in [*train, *evals] if re.match(r"(grid|context)-", p.name)})
+                    | {p.parent for p in [*train, *evals] if is_sweep_run(p.name)})
     ledgers = sorted((p for p in root.rglob("ledger.jsonl") if visible(p)),
                      key=lambda p: (p != root / "ledger.jsonl", p))
     return Runs(root, train, evals, sweeps, ledgers)
@@ -416,9 +416,14 @@ def grid_names(sweep: Path) -> list[str]:
     return names + sorted({f"grid-r{r}-lr{lr}" for r, lr in found} - set(names))
 
 
+def is_sweep_run(name: str) -> bool:
+    """sweep.py's run names; make baselines' context-mean is an evaluation, not a context run."""
+    return re.fullmatch(r"grid-r\d+-lr.+|context-\d+", name) is not None
+
+
 def context_names(sweep: Path) -> list[str]:
     cfg = sweep_config(sweep)
-    found = {p.name for p in sweep.glob("context-*") if p.is_dir()}
+    found = {p.name for p in sweep.glob("context-*") if p.is_dir() and is_sweep_run(p.name)}
     expected = [f"context-{c}" for c in listed(cfg["contexts"])] if "contexts" in cfg else []
     return expected + sorted(found - set(expected), key=lambda n: int(n.split("-")[1]))
 

@@ -224,6 +224,17 @@ def test_a_runs_folder_that_does_not_exist_is_a_one_line_error(tmp_path, capsys)
         "runs/demo) or make one first (make demo, make train)\n")
 
 
+def test_make_baselines_context_mean_is_not_a_context_run(tmp_path):
+    """make baselines writes runs/baselines/SPLIT/context-mean: an evaluation, not a sweep."""
+    folder = tmp_path / "baselines" / "val" / "context-mean"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"n_series": 3}))
+    assert report.find_runs(tmp_path, tmp_path / "report").sweeps == []
+    (tmp_path / "context-128").mkdir()
+    assert report.context_names(tmp_path) == ["context-128"]
+    assert report.context_names(folder.parent) == []
+
+
 def test_provenance_names_the_checked_out_commit_and_the_time_now():
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                           cwd=Path(__file__).parent).stdout.strip()
