@@ -121,18 +121,29 @@ def pit(values: np.ndarray, truths: np.ndarray, seed: int = BOOTSTRAP_SEED) -> n
         return np.where(n > 0, (below + u * (ties + 1)) / (n + 1), np.nan)
 
 
+def calibrated_coverage(level: float, samples: int) -> float:
+    """The expected coverage of the central `level` interval between two sample quantiles
+    (numpy's linear interpolation) of S calibrated samples: level·(S − 1)/(S + 1), below the
+    diagonal. Why: the quantile at p sits at order statistic p(S − 1) + 1 of S, and a truth
+    exchangeable with the samples falls below the k-th with probability k/(S + 1). At S = 10
+    the 90% interval covers 74%; only S → ∞ reaches the diagonal."""
+    return level * (samples - 1) / (samples + 1)
+
+
 def calibration(values: np.ndarray, truths: np.ndarray) -> dict:
     """The PIT histogram (share of cells in each of PIT_BINS equal bins; flat when calibrated)
-    and the central intervals' coverage at CURVE_LEVELS (on the diagonal when calibrated);
-    None for point forecasts."""
+    and the central intervals' coverage at CURVE_LEVELS beside what calibrated samples of this
+    number would give (calibrated_coverage); None for point forecasts."""
     if values.shape[1] < 2:
         return {"pit_histogram": None, "coverage_curve": None}
     u = pit(values, truths)
     u = u[np.isfinite(u)]
     counts, _ = np.histogram(u, bins=PIT_BINS, range=(0.0, 1.0))
     return {"pit_histogram": (counts / max(len(u), 1)).tolist(),
-            "coverage_curve": {"levels": list(CURVE_LEVELS),
-                               "coverage": [coverage(values, truths, c) for c in CURVE_LEVELS]}}
+            "coverage_curve": {
+                "levels": list(CURVE_LEVELS),
+                "coverage": [coverage(values, truths, c) for c in CURVE_LEVELS],
+                "calibrated": [calibrated_coverage(c, values.shape[1]) for c in CURVE_LEVELS]}}
 
 
 # ----------------------------------------------------------------------------- per series
