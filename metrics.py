@@ -59,10 +59,23 @@ def crps(values: np.ndarray, truth: np.ndarray) -> np.ndarray:
         return error / n - 0.5 * pairs.sum((1, 2)) / n**2
 
 
+def sample_quantile(values: np.ndarray, q: float) -> np.ndarray:
+    """np.nanquantile(values, q, axis=1) with linear interpolation, vectorised: numpy's loops
+    over every cell in Python (0.65 s per level for 150 series of 10 samples); here NaN sorts
+    last, so the parsed samples of a cell are the first n of its sorted column."""
+    x = np.sort(values, axis=1)
+    n = np.isfinite(values).sum(1, keepdims=True)  # (N, 1, ...)
+    position = q * np.maximum(n - 1, 0)
+    below = np.floor(position).astype(int)
+    above = np.minimum(below + 1, np.maximum(n - 1, 0))
+    a, b = np.take_along_axis(x, below, 1), np.take_along_axis(x, above, 1)
+    return np.where(n > 0, a + (position - below) * (b - a), np.nan)[:, 0]
+
+
 def covered(values: np.ndarray, truth: np.ndarray, level: float) -> np.ndarray:
     """(N, ...) 1.0 where the truth lies in the samples' central `level` interval, 0.0 where
     not, NaN where no sample parsed; values (N, S, ...)."""
-    lo, hi = quiet_nan(np.nanquantile, values, [(1 - level) / 2, (1 + level) / 2], axis=1)
+    lo, hi = (sample_quantile(values, q) for q in ((1 - level) / 2, (1 + level) / 2))
     return np.where(np.isfinite(lo), (truth >= lo) & (truth <= hi), np.nan)
 
 

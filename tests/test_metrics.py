@@ -173,3 +173,17 @@ def test_nll_per_dim_equals_an_independent_computation(tiny, tmp_path):
     assert m["nll_per_dim"] == pytest.approx(np.mean(grammar_nll) + math.log(scaler.alpha),
                                              abs=2e-6)
     assert m["density"] == evaluate.DENSITY["model"]
+
+
+def test_sample_quantile_equals_numpys_nanquantile():
+    """The vectorised quantile against numpy's, on samples with unparsed (NaN) ones and a cell
+    with none parsed; measured |difference| ≤ 9e-16 (numpy's lerp rounds differently)."""
+    rng = np.random.default_rng(0)
+    values = rng.normal(5.0, 1.0, (40, 7, 3, 2))
+    values[rng.random(values.shape) < 0.3] = np.nan
+    values[0, :, 0, 0] = np.nan
+    for q in (0.0, 0.05, 0.25, 0.5, 0.9, 1.0):
+        ours = metrics.sample_quantile(values, q)
+        numpy = metrics.quiet_nan(np.nanquantile, values, q, axis=1)
+        np.testing.assert_allclose(ours, numpy, rtol=0, atol=4e-15)
+        assert np.isnan(ours[0, 0, 0])
