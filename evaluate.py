@@ -42,6 +42,7 @@ import data
 import flops
 from lora import AdapterError, load_adapter
 from metrics import (
+    BOOTSTRAP_RESAMPLES,
     LOWER_IS_BETTER,
     TotalsError,
     backtest_sigma,
@@ -53,7 +54,10 @@ from metrics import (
     paired,
     point_forecast,
     quiet_nan,
+    same_series,
     score,
+    shown_difference,
+    shown_interval,
     totals_arrays,
 )
 from qwen_min import CheckpointError, KVCache, count_flops, generate, load_model, load_tokenizer
@@ -93,7 +97,7 @@ DEFAULTS = dict(
     ledger="runs/ledger.jsonl",
     flops_budget=flops.BUDGET,
     plot_series=4,
-    bootstrap=1000,
+    bootstrap=BOOTSTRAP_RESAMPLES,
 )
 # What defines the split and the encoding. An adapter's metadata fixes them (a flag that
 # contradicts it is an error); without an adapter these defaults are train.py's.
@@ -477,30 +481,20 @@ COMPARE_KEYS = ("n_series", "decoding", "mse_scaled", "mse_scaled_filled", "crps
 
 
 def with_interval(m: dict, key: str) -> str:
-    """A metric as the comparison tables show it: 4 significant digits, then its bootstrap
+    """A metric as the comparison table shows it: 4 significant digits, then its bootstrap
     95% interval when metrics.json has one."""
-    v, ci = m.get(key), m.get(f"{key}_ci95")
+    v = m.get(key)
     text = "—" if v is None else v if isinstance(v, str) else f"{v:.4g}"
-    return f"{text} [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else text
+    return text + shown_interval(m.get(f"{key}_ci95"))
 
 
-def paired_cell(d: dict | None) -> str:
-    """run − best [95% interval], * when the interval excludes 0; then each one's wins."""
-    if d is None:
-        return "—"
-    ci = f" [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}]" if d["ci95"] else ""
-    wins = (f"; wins {100 * d['a_wins']:.0f}% / {100 * d['b_wins']:.0f}%"
-            if d["a_wins"] is not None else "")
-    return f"{d['difference']:+.3g}{ci}{'*' if d['excludes_0'] else ''}{wins}"
-
-
-def same_series(folders: list, what: str) -> tuple[dict, str | None]:
+def series_of(folders: list, what: str) -> tuple[dict, str | None]:
     """Each folder's per-series totals (forecasts.npz), and a one-line reason when they were not
     all evaluated on the same series (indices and true values)."""
     loaded = {folder: load_series(Path(folder) / "forecasts.npz") for folder in folders}
-    (first, (indices, truths, _)), *rest = loaded.items()
-    for folder, (other_indices, other_truths, _) in rest:
-        if not (np.array_equal(indices, other_indices) and np.array_equal(truths, other_truths)):
+    first = folders[0]
+    for folder in folders[1:]:
+        if not same_series(loaded[first], loaded[folder]):
             return loaded, (f"{what}: {folder} and {first} forecast different series (their "
                             "forecasts.npz indices or true values differ); compare runs on the "
                             "same data file, split and --limit")
@@ -519,7 +513,7 @@ def paired_table(runs: dict, loaded: dict, n_bootstrap: int) -> list[str]:
     for d in runs:
         if d != ref:
             diff = paired(loaded[d][2], loaded[ref][2], n_bootstrap)
-            lines.append(f"| {d} | " + " | ".join(paired_cell(diff.get(k))
+            lines.append(f"| {d} | " + " | ".join(shown_difference(diff.get(k))
                                                    for k in LOWER_IS_BETTER) + " |")
     return lines
 
@@ -535,7 +529,7 @@ def compare(dirs: list[str], out: Path, n_bootstrap: int) -> int:
             return 2
         runs[d] = json.loads(path.read_text())
     try:
-        loaded, different = same_series(dirs, "--compare")
+        loaded, different = series_of(dirs, "--compare")
     except TotalsError as e:
         return fail(str(e))
     if different:

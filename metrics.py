@@ -31,6 +31,7 @@ INTERVALS = (0.5, 0.9)  # central intervals whose coverage is reported
 CURVE_LEVELS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # the coverage curve: 10%…90%
 PIT_BINS = 10
 BOOTSTRAP_SEED = 0
+BOOTSTRAP_RESAMPLES = 1000  # evaluate.py --bootstrap's default, and report.py's paired intervals
 LOWER_IS_BETTER = ("mse_scaled_filled", "mse_scaled", "mae_scaled", "crps_scaled",
                    "nll_per_dim_scaled")  # the metrics --compare and the report pair
 
@@ -216,6 +217,22 @@ def resampled(sums: np.ndarray, counts: np.ndarray, rows: np.ndarray) -> np.ndar
         return sums[rows].sum(1) / counts[rows].sum(1)
 
 
+def shown_interval(ci: list[float] | None) -> str:
+    """" [lo, hi]" at 3 significant digits, as the tables print an interval after its value."""
+    return f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+
+
+def shown_difference(d: dict | None) -> str:
+    """A paired() entry as the tables print it: the difference [95% interval], * when the
+    interval excludes 0; then the share of series each run wins (run / reference)."""
+    if d is None:
+        return "—"
+    ci = f" [{d['ci95'][0]:+.3g}, {d['ci95'][1]:+.3g}]" if d["ci95"] else ""
+    wins = (f"; wins {100 * d['a_wins']:.0f}% / {100 * d['b_wins']:.0f}%"
+            if d["a_wins"] is not None else "")
+    return f"{d['difference']:+.3g}{ci}{'*' if d['excludes_0'] else ''}{wins}"
+
+
 def interval(x: np.ndarray) -> list[float] | None:
     """The central 95% of the finite bootstrap statistics (the percentile interval)."""
     x = x[np.isfinite(x)]
@@ -297,6 +314,11 @@ def best(rows: list[dict]) -> dict:
 
 class TotalsError(ValueError):
     """forecasts.npz lacks or garbles the per-series totals: the message says what to do."""
+
+
+def same_series(a: tuple, b: tuple) -> bool:
+    """Whether two load_series results forecast the same series: same indices, same truths."""
+    return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
 def totals_arrays(totals: Totals) -> dict[str, np.ndarray]:
