@@ -346,3 +346,23 @@ def test_auto_batch_size_fits_free_cuda_memory(setup, monkeypatch):
     sampled = evaluate.auto_batch_size(model, cuda, 8, 100, 10)
     assert sampled == (0.7 * 10 * 2**30 - 2**30) // (17 * 51_200) == 7401
     assert evaluate.auto_batch_size(model, torch.device("cpu"), 8, 100, 10) == 16
+
+
+def test_compare_pairs_runs_on_the_same_series_and_refuses_others(setup, tmp_path, capsys):
+    """Two identical runs: each metric's paired difference is 0 with interval [0, 0], neither
+    wins a series. A run on other series (another --limit) is refused with one line."""
+    folders = [tmp_path / name for name in ("a", "b", "c")]
+    for folder, limit in zip(folders, ("2", "2", "3")):
+        args = base_args(setup, tmp_path, "--baseline", "persistence", "--limit", limit)
+        assert evaluate.main([*args, "--out", str(folder)]) == 0
+    capsys.readouterr()
+    assert evaluate.main(["--compare", *map(str, folders[:2]), "--out", str(tmp_path / "c1")]) == 0
+    lines = (tmp_path / "c1" / "compare.md").read_text().splitlines()
+    zero = "+0 [+0, +0]; wins 0% / 0%"
+    assert lines[-1] == f"| {folders[1]} | " + " | ".join([zero] * 5) + " |"
+    assert evaluate.main(["--compare", *map(str, folders), "--out", str(tmp_path / "c2")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --compare: {folders[2]} and {folders[0]} forecast different series (their "
+        "forecasts.npz indices or true values differ); compare runs on the same data file, "
+        "split and --limit\n")
+    assert not (tmp_path / "c2").exists()
