@@ -21,7 +21,13 @@ the data's own units. MSE/MAE are over the steps that parsed; `mse_scaled_filled
 persistence forecast (the last context value) in every step that did not, so runs with
 different failure rates compare fairly. CRPS is the sample estimator mean|X−y| − ½·mean|X−X'|
 (a point forecast is one sample: its CRPS is its absolute error). `coverage_50`/`coverage_90`:
-how often the truth lies in the samples' central 50%/90% interval.
+how often the truth lies in the samples' central 50%/90% interval. `nll_per_dim(_scaled)`: the
+negative log-likelihood per target value (LLMTIME's NLL/D; a model's from its teacher-forced
+pass under the grammar, a baseline's from a Gaussian around its forecast; metrics.py). Every
+metric gets `<metric>_ci95`, a 95% bootstrap interval over the series (`--bootstrap N`
+resamples, 0: none); sampled runs get `pit_histogram` and `coverage_curve` (calibration).
+`--compare` pairs each run with the best one on the same series (metrics.paired). The scoring
+itself lives in metrics.py.
 """
 
 from __future__ import annotations
