@@ -59,8 +59,8 @@ from metrics import (
     nll_per_dim,
     paired,
     point_forecast,
-    quiet_nan,
     same_series,
+    sample_quantile,
     score,
     shown_difference,
     shown_interval,
@@ -450,7 +450,8 @@ def plot_trajectories(out, series, time, context_steps, values, rows, title):
     import matplotlib.pyplot as plt
 
     point = point_forecast(values)
-    band = quiet_nan(np.nanquantile, values, [0.1, 0.9], axis=1) if values.shape[1] > 1 else None
+    band = ([sample_quantile(values, q) for q in (0.1, 0.9)] if values.shape[1] > 1
+            else None)
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.6 * len(rows)), squeeze=False)
     for ax_row, i in zip(axes, rows):
         for v, (ax, name) in enumerate(zip(ax_row, ("prey", "predator"))):
@@ -458,7 +459,7 @@ def plot_trajectories(out, series, time, context_steps, values, rows, title):
             ax.plot(time[:context_steps], series[i, :context_steps, v], "k-", lw=1, label="context")
             ax.plot(time[context_steps:], series[i, context_steps:, v], "k:", lw=1, label="truth")
             if band is not None:
-                ax.fill_between(horizon, band[0, i, :, v], band[1, i, :, v], color="r",
+                ax.fill_between(horizon, band[0][i, :, v], band[1][i, :, v], color="r",
                                 alpha=0.2, label="10–90% of samples")
             ax.plot(horizon, point[i, :, v], "r.-", label="forecast")
             ax.set_title(f"series {i}: {name}", fontsize=9)
@@ -561,10 +562,12 @@ def write_outputs(out: Path, metrics: dict, indices, values, truths, texts, tf_c
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["series", "mse_scaled", "mae_scaled", "teacher_forced_ce", "generation_ce",
-                "failed_steps", "forecast_text"])
+                "nll_per_dim_scaled", "failed_steps", "forecast_text"])
+    nll = totals.get("nll_per_dim_scaled")
     for k, i in enumerate(indices):
         w.writerow([int(i), mean_or_none(err[k] ** 2), mean_or_none(np.abs(err[k])),
                     tf_ce[k] if tf_ce else None, gen_ce[k] if gen_ce else None,
+                    float(nll[0][k] / nll[1][k]) if nll and nll[1][k] else None,
                     int(np.isnan(values[k, :, :, 0]).sum()), texts[k] if texts else None])
     atomic_write_text(out / "per_series.csv", buf.getvalue())
     npz = io.BytesIO()
