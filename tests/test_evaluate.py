@@ -353,7 +353,8 @@ def test_compare_pairs_runs_on_the_same_series_and_refuses_others(setup, tmp_pat
     wins a series. A run on other series (another --limit) is refused with one line."""
     folders = [tmp_path / name for name in ("a", "b", "c")]
     for folder, limit in zip(folders, ("2", "2", "3")):
-        args = base_args(setup, tmp_path, "--baseline", "persistence", "--limit", limit)
+        args = base_args(setup, tmp_path, "--baseline", "persistence", "--limit", limit,
+                         "--plot-series", "0")
         assert evaluate.main([*args, "--out", str(folder)]) == 0
     capsys.readouterr()
     assert evaluate.main(["--compare", *map(str, folders[:2]), "--out", str(tmp_path / "c1")]) == 0

@@ -138,14 +138,14 @@ def test_nll_per_dim_equals_an_independent_computation(tiny, tmp_path):
     4.3e-7 (fp32 logits). And the unconstrained variant (full softmax) relates to the
     teacher-forced CE as nats = CE · tokens, and is never below the grammar's."""
     hf, path = tiny
-    t = np.arange(40.0)
+    t = np.arange(16.0)  # short series: an 11-step prompt of ~120 tokens
     series = np.stack([np.stack([5 + 4 * np.sin(t / 3 + k), 6 + 3 * np.cos(t / 4 + k)], 1)
                        for k in range(10)])
     h5 = data.write_h5(tmp_path / "lv.h5", series, t)
     out = tmp_path / "eval"
     assert evaluate.main(["--model", str(path), "--data", str(h5), "--out", str(out),
                           "--ledger", str(tmp_path / "ledger.jsonl"), *FAST, "--limit", "2",
-                          "--forecast-steps", "3", "--batch-size", "2"]) == 0
+                          "--forecast-steps", "3", "--batch-size", "2", "--plot-series", "0"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     tokenizer = evaluate.load_tokenizer(path)
     trajectories, _ = data.load_trajectories(h5)
