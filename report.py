@@ -599,9 +599,9 @@ def section_final(page: Page, runs: Runs, final: Path | None, rule: str, out: Pa
     if not folders:
         page.missing(f"an evaluation of {final / 'adapter'} (evaluate.py --adapter)")
         return
-    page.table(metrics_table(["split", "decoding"], [
-        ([runs.evals[f].get("split", "?"), runs.evals[f].get("decoding", "?")],
-         f / "metrics.json", runs.evals[f]) for f in folders], paired_with_best=len(folders) > 1))
+    page.table(metrics_table(["split"], [([runs.evals[f].get("split", "?")], f / "metrics.json",
+                                          runs.evals[f]) for f in folders],
+                             paired_with_best=len(folders) > 1))
     folder = folders[0]
     m, source = runs.evals[folder], folder / "metrics.json"
     page.figure(folder / "trajectories.png", "forecasts against the truth")
