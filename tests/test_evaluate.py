@@ -367,3 +367,18 @@ def test_compare_pairs_runs_on_the_same_series_and_refuses_others(setup, tmp_pat
         "forecasts.npz indices or true values differ); compare runs on the same data file, "
         "split and --limit\n")
     assert not (tmp_path / "c2").exists()
+
+
+def test_compare_without_per_series_totals_is_a_one_line_error(setup, tmp_path, capsys):
+    """forecasts.npz from before the per-series totals: --compare cannot pair it, and says so."""
+    folder = tmp_path / "old"
+    args = base_args(setup, tmp_path, "--baseline", "persistence", "--plot-series", "0")
+    assert evaluate.main([*args, "--out", str(folder)]) == 0
+    with np.load(folder / "forecasts.npz") as f:
+        kept = {k: f[k] for k in ("indices", "forecasts", "samples", "truths")}
+    np.savez(folder / "forecasts.npz", **kept)
+    capsys.readouterr()
+    assert evaluate.main(["--compare", str(folder), "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {folder / 'forecasts.npz'}: no per-series totals (sum_*, count_*), written by "
+        "an older evaluate.py; run the evaluation again to compare it\n")
