@@ -21,7 +21,13 @@ the data's own units. MSE/MAE are over the steps that parsed; `mse_scaled_filled
 persistence forecast (the last context value) in every step that did not, so runs with
 different failure rates compare fairly. CRPS is the sample estimator mean|X−y| − ½·mean|X−X'|
 (a point forecast is one sample: its CRPS is its absolute error). `coverage_50`/`coverage_90`:
-how often the truth lies in the samples' central 50%/90% interval.
+how often the truth lies in the samples' central 50%/90% interval. `nll_per_dim(_scaled)`: the
+negative log-likelihood per target value (LLMTIME's NLL/D; a model's from its teacher-forced
+pass under the grammar, a baseline's from a Gaussian around its forecast; metrics.py). Every
+metric gets `<metric>_ci95`, a 95% bootstrap interval over the series (`--bootstrap N`
+resamples, 0: none); sampled runs get `pit_histogram` and `coverage_curve` (calibration).
+`--compare` pairs each run with the best one on the same series (metrics.paired). The scoring
+itself lives in metrics.py.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ import hashlib
 import io
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +49,28 @@ import baselines
 import data
 import flops
 from lora import AdapterError, base_model_mismatch, load_adapter
+from metrics import (
+    BOOTSTRAP_RESAMPLES,
+    LOWER_IS_BETTER,
+    TotalsError,
+    backtest_sigma,
+    best,
+    gaussian_nll,
+    load_series,
+    mean_or_none,
+    nll_per_dim,
+    paired,
+    point_forecast,
+    same_series,
+    sample_quantile,
+    score,
+    shown_difference,
+    shown_interval,
+    totals_arrays,
+)
 from qwen_min import CheckpointError, KVCache, count_flops, generate, load_model, load_tokenizer
 from qwen_min.generate import SamplingOptions, cache_dtype
-from qwen_min.grammar import LLMTimeGrammar
+from qwen_min.grammar import GrammarTables, LLMTimeGrammar
 from qwen_min.loading import DEFAULT_MODEL
 from qwen_min.model import LoRALinear, cross_entropy
 from qwen_min.runtime import (
@@ -86,12 +110,12 @@ DEFAULTS = dict(
     ledger="runs/ledger.jsonl",
     flops_budget=flops.BUDGET,
     plot_series=4,
+    bootstrap=BOOTSTRAP_RESAMPLES,
 )
 # What defines the split and the encoding. An adapter's metadata fixes them (a flag that
 # contradicts it is an error); without an adapter these defaults are train.py's.
 ENCODING_DEFAULTS = dict(split_seed=42, decimals=2, context_fraction=0.7)
 CPU_BATCH = 16
-INTERVALS = (0.5, 0.9)  # central intervals whose coverage is reported
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -129,6 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="run anyway: past the FLOP budget, or "
                    "with an adapter trained on another base model (a warning says so)")
     p.add_argument("--plot-series", type=int, help="series drawn in trajectories.png")
+    p.add_argument("--bootstrap", type=int, metavar="N",
+                   help="resamples of the series for each metric's 95%% interval (0: none)")
     p.add_argument("--compare", nargs="+", metavar="EVAL_DIR",
                    help="only draw a comparison of finished evaluations (their metrics.json)")
     p.set_defaults(**DEFAULTS)
@@ -161,6 +187,7 @@ def check_args(args: argparse.Namespace) -> str | None:
          args.context_fraction is None or 0 < args.context_fraction < 1, "in (0, 1)"),
         ("--flops-budget", args.flops_budget, args.flops_budget > 0, "> 0"),
         ("--plot-series", args.plot_series, args.plot_series >= 0, "an integer ≥ 0"),
+        ("--bootstrap", args.bootstrap, args.bootstrap >= 0, "an integer ≥ 0 (0: no intervals)"),
     ]
     for flag, value, ok, expected in rules:
         if not ok:
@@ -240,9 +267,22 @@ def prompt_last_logits(model, cache, ids: torch.Tensor, mask: torch.Tensor) -> t
     return model(ids[:, -1:], mask, cache, last_only=True)[:, -1]  # (B, V)
 
 
+def grammar_states(tables: GrammarTables, ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) the grammar's state before each token of `ids` (B, L), which starts a step.
+    A token the grammar does not allow (−1) restarts at state 0 rather than index a table with
+    −1: its own probability is 0 under the grammar already, so later states do not matter."""
+    states = [tables.start(ids.shape[0])]
+    for j in range(ids.shape[1] - 1):
+        states.append(tables.advance(states[-1], ids[:, j]).clamp(min=0))
+    return torch.stack(states, 1)
+
+
 @torch.no_grad()
-def teacher_forced_ce(model, cache, prompt_mask, targets, first_logits) -> list[float]:
-    """Per-series mean cross-entropy of the true target tokens given the true prefix.
+def teacher_forced(model, cache, prompt_mask, targets, first_logits, tables: GrammarTables
+                   ) -> tuple[list[float], list[float]]:
+    """Per series: the mean cross-entropy of the true target tokens given the true prefix, and
+    their summed nats under the grammar-renormalised distribution (metrics.nll_per_dim): each
+    position's logits restricted to the tokens the grammar allows there, then log-softmax.
 
     Runs after `generate` with the same KV cache: rewound to the prompt, the cache takes the
     true continuation instead of the generated one, so the 700-token prompt is not run twice.
@@ -256,12 +296,19 @@ def teacher_forced_ce(model, cache, prompt_mask, targets, first_logits) -> list[
         ids[i, : len(t)], mask[i, : len(t)] = torch.tensor(t), 1
     cache.rewind(T)
     h = model.model(ids[:, :-1], torch.cat([prompt_mask, mask[:, :-1]], 1), cache)
-    out = []
+    states = grammar_states(tables, ids)  # (B, L)
+    columns = tables.token_ids  # (C,): the grammar's tokens; no other can be allowed
+    ce, nats = [], []
     for i, t in enumerate(targets):
         # position j of the target block predicts target token j+1
         logits = torch.cat([first_logits[i : i + 1], model.lm_head(h[i, : len(t) - 1]).float()])
-        out.append(cross_entropy(logits, ids[i, : len(t)]).item())  # (len(t), V) vs (len(t),)
-    return out
+        target = ids[i, : len(t)]
+        ce.append(cross_entropy(logits, target).item())  # (len(t), V) vs (len(t),)
+        allowed = tables.allowed[states[i, : len(t)]][:, columns]  # (len(t), C)
+        restricted = logits[:, columns].masked_fill(~allowed, float("-inf"))
+        column = (columns[None] == target[:, None]).long().argmax(1)  # (len(t),) into C
+        nats.append(cross_entropy(restricted, column).item() * len(t))
+    return ce, nats
 
 
 def generation_ce(step_logits: torch.Tensor, row: torch.Tensor, target: list[int]) -> float:
@@ -322,12 +369,12 @@ def series_seeds(seed: int, positions: range) -> torch.Tensor:
 
 
 def batch_flops(model, prompts, targets, new_tokens: int, samples: int, top_p: float,
-                sample_tokens: int | None) -> int:
+                sample_tokens: int | None, grammar_tokens: int) -> int:
     """Closed-form FLOPs of one batch (flops.evaluation_flops), at the padded prompt length."""
     return flops.evaluation_flops(model.cfg, len(prompts), max(len(p) for p in prompts),
                                   new_tokens, [len(t) for t in targets], samples=samples,
                                   top_p=top_p, sample_tokens=sample_tokens,
-                                  **lora_settings(model))
+                                  grammar_tokens=grammar_tokens, **lora_settings(model))
 
 
 def text_of(tokenizer, row: list[int]) -> str:
@@ -338,7 +385,8 @@ def text_of(tokenizer, row: list[int]) -> str:
 def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device, dtype, out):
     """Every series through the model, batch by batch, each batch's FLOPs on the ledger.
     → (values (N, S, steps, 2) original units, NaN where a step failed, texts, teacher-forced
-    CE per series, generation CE per series or None when sampling, counted FLOPs)."""
+    CE per series, generation CE per series or None when sampling, the target's nats per
+    series under the grammar (teacher_forced), counted FLOPs)."""
     S = max(args.samples, 1)
     grammar = LLMTimeGrammar.from_tokenizer(tokenizer, scaler.decimals)
     new_tokens = grammar.max_new_tokens(args.forecast_steps)  # the longest n_steps can take
@@ -351,10 +399,12 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
     # under the grammar, sampling draws from its tokens only (qwen_min.generate)
     sample_tokens = None if args.unconstrained else len(grammar.token_ids)
     planned = sum(batch_flops(model, prompts[sl], targets[sl], new_tokens, args.samples,
-                              args.top_p, sample_tokens) for sl in batches)
+                              args.top_p, sample_tokens, len(grammar.token_ids))
+                  for sl in batches)
     flops.check_budget(args.ledger, planned, args.flops_budget, args.force)
     values = np.full((len(prompts), S, args.forecast_steps, 2), np.nan)
-    texts, tf_ce, gen_ce, total = [], [], [], 0
+    texts, tf_ce, gen_ce, nats, total = [], [], [], [], 0
+    tables = grammar.tables(model.cfg.vocab_size, device)
 
     def decode(ids, mask, room: int, seeds, compiled: bool):
         """The batch's forecasts into a fresh KV cache: (cache, tokens, step logits)."""
@@ -381,7 +431,8 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
                 ids, mask, room, series_seeds(args.seed, range(sl.start, sl.stop)))
             first = (prompt_last_logits(model, cache, ids, mask) if args.samples
                      else step_logits[:, 0])
-            tf_ce += teacher_forced_ce(model, cache, mask, targets[sl], first)
+            ce, target_nats = teacher_forced(model, cache, mask, targets[sl], first, tables)
+            tf_ce, nats = tf_ce + ce, nats + target_nats
             if not args.samples:
                 gen_ce += [generation_ce(step_logits[j], tokens[j], t)
                            for j, t in enumerate(targets[sl])]
@@ -396,20 +447,22 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
             "target_lens": [len(t) for t in targets[sl]], "samples": args.samples,
             "top_p": args.top_p})
     series_texts = [" | ".join(texts[i * S : (i + 1) * S]) for i in range(len(prompts))]
-    return values, series_texts, tf_ce, gen_ce or None, total
+    return values, series_texts, tf_ce, gen_ce or None, nats, total
 
 
 def forecast_with_baseline(args, series, time, context_steps: int, out):
     """values (N, 1, steps, 2) from a baseline (non-finite → failed step), the series mean of
-    each per-series diagnostic in its info (lv-fit's residual, …), 0 FLOPs."""
+    each per-series diagnostic in its info (lv-fit's residual, …), and its backtest errors
+    (backtest_errors); 0 FLOPs."""
     res = baselines.forecast(args.baseline, series[:, :context_steps], args.forecast_steps,
                              time=time[: context_steps + args.forecast_steps])
     values = np.where(np.isfinite(res.forecasts), res.forecasts, np.nan)[:, None]
+    errors = backtest_errors(args, series, time, context_steps)
     flops.append_ledger(args.ledger, {"kind": "baseline", "name": str(out), "flops": 0,
                                       "baseline": args.baseline, "split": args.split,
                                       "series": [0, len(series)]})
     info = {k: summarize(v) for k, v in res.info.items() if np.shape(v) == (len(series),)}
-    return values, info
+    return values, info, errors
 
 
 def summarize(diagnostic: np.ndarray) -> float | dict[str, int]:
@@ -422,72 +475,37 @@ def summarize(diagnostic: np.ndarray) -> float | dict[str, int]:
     return float(np.mean(diagnostic))
 
 
-# ----------------------------------------------------------------------------- scores
-
-
-def quiet_nan(fn, *a, **kw):
-    """numpy's nan-reductions, without the warning for a slice with no parsed value (→ NaN)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return fn(*a, **kw)
-
-
-def point_forecast(values: np.ndarray) -> np.ndarray:
-    """(N, S, steps, 2) → (N, steps, 2): the per-step median over the samples that parsed."""
-    return quiet_nan(np.nanmedian, values, axis=1)
-
-
-def crps(values: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Sample CRPS, mean|X − y| − ½·mean|X − X'|, over the samples that parsed.
-    values (N, S, ...), truth (N, ...) → (N, ...); NaN where no sample parsed."""
-    ok = np.isfinite(values)
-    n = ok.sum(1)
-    x = np.where(ok, values, 0.0)
-    error = (np.abs(x - truth[:, None]) * ok).sum(1)
-    pairs = np.abs(x[:, :, None] - x[:, None, :]) * (ok[:, :, None] & ok[:, None, :])  # (N,S,S,…)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return error / n - 0.5 * pairs.sum((1, 2)) / n**2
-
-
-def coverage(values: np.ndarray, truth: np.ndarray, level: float) -> float | None:
-    """Share of (series, step, variable) cells whose truth lies in the samples' central
-    `level` interval; cells where no sample parsed are left out. None for point forecasts."""
-    if values.shape[1] < 2:  # a point forecast has no interval
+def backtest_errors(args, series, time, context_steps: int) -> np.ndarray | None:
+    """(N, steps, 2) the baseline's errors, original units, when it forecasts each context's
+    last --forecast-steps steps from the steps before them: its density's σ is fitted on these
+    (metrics.backtest_sigma), so no held-out step is seen. None when the context is too short
+    to hold them out (fewer than 2 steps would remain)."""
+    start = context_steps - args.forecast_steps
+    if start < 2:
         return None
-    lo, hi = quiet_nan(np.nanquantile, values, [(1 - level) / 2, (1 + level) / 2], axis=1)
-    known = np.isfinite(lo)
-    if not known.any():
+    res = baselines.forecast(args.baseline, series[:, :start], args.forecast_steps,
+                             time=time[:context_steps])
+    return res.forecasts - series[:, start:context_steps]
+
+
+DENSITY = {"model": "the model's token probabilities, renormalised to the LLMTIME grammar",
+           "baseline": "Gaussian around the forecast, σ per horizon and variable from a "
+                       "backtest on the contexts"}
+
+
+def density(values, truths, scaler, nats, errors) -> np.ndarray | None:
+    """Per-value NLL in scaled units, (N, values) for metrics.score: a model's from the target
+    nats of its teacher-forced pass (its series' NLL/D on each of the series' values; NaN for a
+    series whose truth the grammar cannot write, > 999 in scaled units), a baseline's from a
+    Gaussian around its point forecast whose σ comes from its backtest errors (DENSITY)."""
+    D = truths[0].size
+    if nats is not None:
+        per_dim = nll_per_dim(np.array(nats), D, scaler.decimals)
+        return np.repeat(np.where(np.isfinite(per_dim), per_dim, np.nan)[:, None], D, 1)
+    if errors is None:
         return None
-    return float(np.mean((truth[known] >= lo[known]) & (truth[known] <= hi[known])))
-
-
-def mean_or_none(x: np.ndarray) -> float | None:
-    """Mean over the parsed (finite) entries; None (JSON null) when nothing parsed."""
-    return float(np.nanmean(x)) if np.isfinite(x).any() else None
-
-
-def score(values: np.ndarray, truths: np.ndarray, last_context: np.ndarray,
-          alpha: float) -> dict:
-    """The metrics of forecasts `values` (N, S, steps, 2) against `truths` (N, steps, 2), all
-    in original units; last_context (N, 2) is the persistence forecast that fills failed steps."""
-    point = point_forecast(values)
-    err = (point - truths) / alpha  # (N, steps, 2) in LLMTIME units
-    filled = np.where(np.isnan(point), last_context[:, None], point)
-    sq, ab = err**2, np.abs(err)
-    steps = truths.shape[1]
-    samples_scaled = values / alpha
-    return {
-        "mse_scaled": mean_or_none(sq),
-        "mae_scaled": mean_or_none(ab),
-        "mse": mean_or_none(sq * alpha**2),
-        "mae": mean_or_none(ab * alpha),
-        "mse_scaled_filled": float(np.mean(((filled - truths) / alpha) ** 2)),
-        "crps_scaled": mean_or_none(crps(samples_scaled, truths / alpha)),
-        **{f"coverage_{round(100 * c)}": coverage(values, truths, c) for c in INTERVALS},
-        "parse_failure_rate": float(np.isnan(values[..., 0]).mean()),
-        "mse_scaled_by_horizon": [mean_or_none(sq[:, h]) for h in range(steps)],
-        "mae_scaled_by_horizon": [mean_or_none(ab[:, h]) for h in range(steps)],
-    }
+    sigma = backtest_sigma(errors / scaler.alpha, scaler.decimals)  # (steps, 2)
+    return gaussian_nll(point_forecast(values) / scaler.alpha, truths / scaler.alpha, sigma)
 
 
 # ----------------------------------------------------------------------------- output
@@ -505,7 +523,8 @@ def plot_trajectories(out, series, time, context_steps, values, rows, title):
     import matplotlib.pyplot as plt
 
     point = point_forecast(values)
-    band = quiet_nan(np.nanquantile, values, [0.1, 0.9], axis=1) if values.shape[1] > 1 else None
+    band = ([sample_quantile(values, q) for q in (0.1, 0.9)] if values.shape[1] > 1
+            else None)
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.6 * len(rows)), squeeze=False)
     for ax_row, i in zip(axes, rows):
         for v, (ax, name) in enumerate(zip(ax_row, ("prey", "predator"))):
@@ -513,7 +532,7 @@ def plot_trajectories(out, series, time, context_steps, values, rows, title):
             ax.plot(time[:context_steps], series[i, :context_steps, v], "k-", lw=1, label="context")
             ax.plot(time[context_steps:], series[i, context_steps:, v], "k:", lw=1, label="truth")
             if band is not None:
-                ax.fill_between(horizon, band[0, i, :, v], band[1, i, :, v], color="r",
+                ax.fill_between(horizon, band[0][i, :, v], band[1][i, :, v], color="r",
                                 alpha=0.2, label="10–90% of samples")
             ax.plot(horizon, point[i, :, v], "r.-", label="forecast")
             ax.set_title(f"series {i}: {name}", fontsize=9)
@@ -537,11 +556,51 @@ def plot_horizon(out, curves: dict[str, list[float]], ylabel: str, name: str):
 
 
 COMPARE_KEYS = ("n_series", "decoding", "mse_scaled", "mse_scaled_filled", "crps_scaled",
-                "mae_scaled", "parse_failure_rate", "teacher_forced_ce", "generation_ce")
+                "nll_per_dim_scaled", "mae_scaled", "coverage_90", "parse_failure_rate",
+                "teacher_forced_ce", "generation_ce")
 
 
-def compare(dirs: list[str], out: Path) -> int:
-    """Side-by-side figure and table of finished evaluations."""
+def with_interval(m: dict, key: str) -> str:
+    """A metric as the comparison table shows it: 4 significant digits, then its bootstrap
+    95% interval when metrics.json has one."""
+    v = m.get(key)
+    text = "—" if v is None else v if isinstance(v, str) else f"{v:.4g}"
+    return text + shown_interval(m.get(f"{key}_ci95"))
+
+
+def series_of(folders: list, what: str) -> tuple[dict, str | None]:
+    """Each folder's per-series totals (forecasts.npz), and a one-line reason when they were not
+    all evaluated on the same series (indices and true values)."""
+    loaded = {folder: load_series(Path(folder) / "forecasts.npz") for folder in folders}
+    first = folders[0]
+    for folder in folders[1:]:
+        if not same_series(loaded[first], loaded[folder]):
+            return loaded, (f"{what}: {folder} and {first} forecast different series (their "
+                            "forecasts.npz indices or true values differ); compare runs on the "
+                            "same data file, split and --limit")
+    return loaded, None
+
+
+def paired_table(runs: dict, loaded: dict, n_bootstrap: int) -> list[str]:
+    """Markdown: each run against the best (metrics.best) on the same series, per metric."""
+    top = best(list(runs.values()))
+    ref = next(d for d, m in runs.items() if m is top)
+    lines = [f"Paired with the best run by filled MSE, {ref}: run − best [paired-bootstrap 95% "
+             "interval over series], * where it excludes 0; the share of series on which each "
+             "is lower (run / best).", "",
+             "| run | " + " | ".join(LOWER_IS_BETTER) + " |",
+             "|---" * (len(LOWER_IS_BETTER) + 1) + "|"]
+    for d in runs:
+        if d != ref:
+            diff = paired(loaded[d][2], loaded[ref][2], n_bootstrap)
+            lines.append(f"| {d} | " + " | ".join(shown_difference(diff.get(k))
+                                                   for k in LOWER_IS_BETTER) + " |")
+    return lines
+
+
+def compare(dirs: list[str], out: Path, n_bootstrap: int) -> int:
+    """Side-by-side figure and table of finished evaluations, with each metric's interval, and
+    each run paired with the best on the same series."""
     runs = {}
     for d in dirs:
         path = Path(d) / "metrics.json"
@@ -552,22 +611,27 @@ def compare(dirs: list[str], out: Path) -> int:
             runs[d] = read_json(path)
         except ValueError as e:
             return fail(f"{e}; or run evaluate.py --out {d} again")
+    try:
+        loaded, different = series_of(dirs, "--compare")
+    except TotalsError as e:
+        return fail(str(e))
+    if different:
+        return fail(different)
     out.mkdir(parents=True, exist_ok=True)
     plot_horizon(out, {d: m.get("mse_scaled_by_horizon", []) for d, m in runs.items()},
                  "MSE (scaled units)", "compare_horizon.png")
-
-    def fmt(v) -> str:
-        return "—" if v is None else v if isinstance(v, str) else f"{v:.4g}"
-
     lines = ["| run | " + " | ".join(COMPARE_KEYS) + " |", "|---" * (len(COMPARE_KEYS) + 1) + "|"]
-    lines += [f"| {d} | " + " | ".join(fmt(m.get(k)) for k in COMPARE_KEYS) + " |"
+    lines += [f"| {d} | " + " | ".join(with_interval(m, k) for k in COMPARE_KEYS) + " |"
               for d, m in runs.items()]
+    if len(runs) > 1:
+        lines += ["", *paired_table(runs, loaded, n_bootstrap)]
     atomic_write_text(out / "compare.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
 
-def write_outputs(out: Path, metrics: dict, indices, values, truths, texts, tf_ce, gen_ce):
+def write_outputs(out: Path, metrics: dict, indices, values, truths, texts, tf_ce, gen_ce,
+                  totals):
     """Every output but the figures; metrics.json last, as the mark of a finished evaluation
     (sweep.py skips a run that has one), so a failed write (a full disk) leaves none."""
     point = point_forecast(values)
@@ -575,14 +639,17 @@ def write_outputs(out: Path, metrics: dict, indices, values, truths, texts, tf_c
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["series", "mse_scaled", "mae_scaled", "teacher_forced_ce", "generation_ce",
-                "failed_steps", "forecast_text"])
+                "nll_per_dim_scaled", "failed_steps", "forecast_text"])
+    nll = totals.get("nll_per_dim_scaled")
     for k, i in enumerate(indices):
         w.writerow([int(i), mean_or_none(err[k] ** 2), mean_or_none(np.abs(err[k])),
                     tf_ce[k] if tf_ce else None, gen_ce[k] if gen_ce else None,
+                    float(nll[0][k] / nll[1][k]) if nll and nll[1][k] else None,
                     int(np.isnan(values[k, :, :, 0]).sum()), texts[k] if texts else None])
     atomic_write_text(out / "per_series.csv", buf.getvalue())
     npz = io.BytesIO()
-    np.savez(npz, indices=indices, forecasts=point, samples=values, truths=truths)
+    np.savez(npz, indices=indices, forecasts=point, samples=values, truths=truths,
+             **totals_arrays(totals))
     atomic_write_bytes(out / "forecasts.npz", npz.getvalue())
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
@@ -607,7 +674,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.compare:
-            return compare(args.compare, Path(args.out))
+            return compare(args.compare, Path(args.out), args.bootstrap)
         return run_evaluation(args)
     except (flops.LedgerError, data.DataError) as e:
         return fail(str(e))
@@ -668,9 +735,9 @@ def run_evaluation(args: argparse.Namespace) -> int:
                     f"({series.shape[1]} steps, {context_steps} of them context)")
     truths = series[:, context_steps : context_steps + args.forecast_steps]
 
-    texts = tf_ce = gen_ce = info = None
+    texts = tf_ce = gen_ce = info = nats = errors = None
     if args.baseline:
-        values, info = forecast_with_baseline(args, series, time, context_steps, out)
+        values, info, errors = forecast_with_baseline(args, series, time, context_steps, out)
         counted = 0
     else:
         model.to(device).eval()
@@ -681,11 +748,13 @@ def run_evaluation(args: argparse.Namespace) -> int:
             prompts.append(data.tokenize(tokenizer, prompt))
             targets.append(data.tokenize(tokenizer, target))
         try:
-            values, texts, tf_ce, gen_ce, counted = forecast_with_model(
+            values, texts, tf_ce, gen_ce, nats, counted = forecast_with_model(
                 args, model, tokenizer, scaler, prompts, targets, device, dtype, out)
         except flops.BudgetError as e:
             return fail(str(e), code=3)
 
+    scores, totals = score(values, truths, series[:, context_steps - 1], scaler.alpha,
+                           density(values, truths, scaler, nats, errors), args.bootstrap)
     metrics = {
         "n_series": len(series),
         "split": args.split,
@@ -703,7 +772,8 @@ def run_evaluation(args: argparse.Namespace) -> int:
         "context_steps": context_steps,
         "alpha": scaler.alpha,
         "decimals": scaler.decimals,
-        **score(values, truths, series[:, context_steps - 1], scaler.alpha),
+        "density": DENSITY["baseline" if args.baseline else "model"],
+        **scores,
         "teacher_forced_ce": float(np.mean(tf_ce)) if tf_ce else None,
         "generation_ce": float(np.mean(gen_ce)) if gen_ce else None,
         "flops": counted,
@@ -718,7 +788,7 @@ def run_evaluation(args: argparse.Namespace) -> int:
     plot_horizon(out, {"MSE": metrics["mse_scaled_by_horizon"],
                        "MAE": metrics["mae_scaled_by_horizon"]}, "error (scaled units)",
                  "horizon.png")
-    write_outputs(out, metrics, indices, values, truths, texts, tf_ce, gen_ce)  # the last
+    write_outputs(out, metrics, indices, values, truths, texts, tf_ce, gen_ce, totals)  # the last
     print(json.dumps({k: v for k, v in metrics.items() if not k.endswith("horizon")}, indent=2))
     return 0
 

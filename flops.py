@@ -290,16 +290,18 @@ def evaluation_flops(
     samples: int = 0,
     top_p: float = 1.0,
     sample_tokens: int | None = None,
+    grammar_tokens: int = 13,
 ) -> int:
     """One batch of evaluate.py: `batch` prompts left-padded to prompt_len, new_tokens generated
     (`samples` continuations each at `top_p`, 0 = greedy; under the grammar sampling draws from
     its `sample_tokens` tokens), then the true targets (target_lens
-    tokens each) teacher-forced through the rewound KV cache, and the cross-entropies."""
+    tokens each) teacher-forced through the rewound KV cache, and the cross-entropies: over all
+    V tokens, and over the grammar's `grammar_tokens` for NLL/D (13; 12 at 0 decimals)."""
     lora = dict(lora_rank=lora_rank, lora_targets=lora_targets, gqa=gqa)
     d, V = cfg.hidden_size, cfg.vocab_size
 
-    def cross_entropy(rows: int) -> int:  # qwen_min.model.add_loss_flops: 11V + 10 a row, + mean
-        return rows * (11 * V + 10) + rows
+    def cross_entropy(rows: int, width: int = V) -> int:  # model.add_loss_flops: 11V + 10 a row,
+        return rows * (11 * width + 10) + rows  # + the mean
 
     total = generation_flops(cfg, batch, prompt_len, new_tokens, **lora, samples=samples,
                              top_p=top_p, sample_tokens=sample_tokens)
@@ -313,6 +315,7 @@ def evaluation_flops(
     for n in target_lens:
         total += matmul(n - 1, d, V)  # the head on this series' own n − 1 positions
         total += cross_entropy(n)  # teacher-forced CE over its n target tokens
+        total += cross_entropy(n, grammar_tokens)  # and over the grammar's tokens (NLL/D)
         if not samples:
             total += cross_entropy(min(n, new_tokens))  # generation CE (greedy logits)
     return total

@@ -40,15 +40,19 @@ import numpy as np
 
 import data
 import flops
-from qwen_min import runtime
+import metrics
+from qwen_min import CheckpointError, runtime
+from qwen_min.loading import DEFAULT_MODEL, ConfigError, load_config
+from qwen_min.model import Qwen2Config
 from qwen_min.runtime import atomic_write_bytes, atomic_write_text, os_error_line, provenance
+from sweep import choose_plan, evaluation_size
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # metrics.json keys in table order; the optional ones (newer evaluate.py) get a column when a
 # row has them, and rows without them say "n/a"
 METRIC_KEYS = ("n_series", "mse_scaled", "mae_scaled", "mse_scaled_filled", "crps_scaled",
-               "coverage_50", "coverage_90", "parse_failure_rate", "teacher_forced_ce",
-               "generation_ce", "decoding", "samples")
+               "nll_per_dim_scaled", "coverage_50", "coverage_90", "parse_failure_rate",
+               "teacher_forced_ce", "generation_ce", "decoding", "samples")
 ALWAYS_SHOWN = {"n_series", "mse_scaled", "mae_scaled", "parse_failure_rate"}
 MISSING = "missing"
 
@@ -146,9 +150,12 @@ def to_markdown(page: Page, out: Path, title: str) -> str:
     return "\n".join(lines)
 
 
+# wide tables (15 metric columns with intervals) wrap inside their cells rather than run past
+# the page: headers break after '_' (<wbr>), cells at spaces, paths anywhere
 STYLE = """body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}
-table{border-collapse:collapse;margin:.5em 0;font-size:13px}td,th{border:1px solid #ccc;
-padding:2px 7px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}
+table{border-collapse:collapse;margin:.5em 0;font-size:12px}td,th{border:1px solid #ccc;
+padding:2px 5px;text-align:right;overflow-wrap:anywhere}th{background:#f3f3f3}
+td:first-child{text-align:left}
 img{max-width:100%}.missing{color:#a00;font-weight:600}.source{color:#666;font-size:12px}
 pre{background:#f6f6f6;padding:.6em;overflow-x:auto}"""
 
@@ -168,7 +175,7 @@ def to_html(page: Page, title: str) -> str:
         elif kind == "code":
             parts.append(f"<pre>{e(item)}</pre>")
         elif kind == "table":
-            head = "".join(f"<th>{e(h)}</th>" for h in item.headers)
+            head = "".join(f"<th>{e(h).replace('_', '_<wbr>')}</th>" for h in item.headers)
             body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
                            for row in item.rows)
             parts.append(f"<table><tr>{head}</tr>{body}</table>")
@@ -257,15 +264,18 @@ def find_runs(root: Path, out: Path) -> Runs:
     return Runs(root, train, evals, sweeps, ledgers)
 
 
+def evals_of(runs: Runs, run: Path) -> list[Path]:
+    """Every evaluation of a training run's adapter: run/eval first, then those whose adapter
+    is run's (a sampled one beside the greedy one, another split)."""
+    mine = [folder for folder, m in runs.evals.items() if folder != run / "eval"
+            and m.get("adapter") and Path(m["adapter"]).parent.resolve() == run.resolve()]
+    return ([run / "eval"] if run / "eval" in runs.evals else []) + mine
+
+
 def eval_of(runs: Runs, run: Path) -> Path | None:
-    """The evaluation of a training run's adapter: run/eval, else one whose adapter is run's."""
-    if run / "eval" in runs.evals:
-        return run / "eval"
-    for folder, m in runs.evals.items():
-        adapter = m.get("adapter")
-        if adapter and Path(adapter).parent.resolve() == run.resolve():
-            return folder
-    return None
+    """The evaluation of a training run's adapter: run/eval, else the first whose adapter is
+    run's."""
+    return next(iter(evals_of(runs, run)), None)
 
 
 def final_run(runs: Runs) -> tuple[Path | None, str]:
@@ -284,27 +294,72 @@ def final_run(runs: Runs) -> tuple[Path | None, str]:
     return None, ""
 
 
-def metrics_table(label_headers: list[str], rows: list[tuple[list[str], Path, dict | None]]
+Row = tuple[list[str], Path, "dict | None"]  # labels, metrics.json path, its content
+
+
+def metric_cell(m: dict, key: str) -> str:
+    """The value, then its bootstrap 95% interval when metrics.json has one; n/a if absent."""
+    return fmt(m[key]) + metrics.shown_interval(m.get(f"{key}_ci95")) if key in m else "n/a"
+
+
+def metrics_table(label_headers: list[str], rows: list[Row], paired_with_best: bool = False
                   ) -> Table:
-    """One row per evaluation: its labels, the metrics it has, and its metrics.json path."""
+    """One row per evaluation: its labels, the metrics it has, and its metrics.json path; with
+    paired_with_best, each row's filled MSE minus the best's of its split (versus_best)."""
     present = [m for _, _, m in rows if m]
     keys = [k for k in METRIC_KEYS if k in ALWAYS_SHOWN or any(k in m for m in present)]
+    versus = versus_best(rows) if paired_with_best else {}
+    extra = ["filled MSE − best (paired 95%; * excludes 0; wins)"] if paired_with_best else []
     body = []
     for labels, source, m in rows:
         if m is None:
-            body.append(labels + [MISSING] * len(keys) + [f"{source} (not found)"])
+            cells = [MISSING] * (len(keys) + len(extra)) + [f"{source} (not found)"]
         else:
-            body.append(labels + [fmt(m[k]) if k in m else "n/a" for k in keys] + [str(source)])
-    return Table(label_headers + keys + ["source"], body)
+            cells = [metric_cell(m, k) for k in keys] + [versus.get(source, "n/a")
+                                                         for _ in extra] + [str(source)]
+        body.append(labels + cells)
+    return Table(label_headers + keys + extra + ["source"], body)
 
 
-def best_line(rows: list[tuple[list[str], Path, dict | None]], what: str) -> str | None:
-    scored = [(m["mse_scaled"], labels, src) for labels, src, m in rows
-              if m and m.get("mse_scaled") is not None]
-    if not scored:
+def versus_best(rows: list[Row]) -> dict[Path, str]:
+    """Per metrics.json path: its filled MSE minus that of the best run of its split (ranked by
+    metrics.best, as sweep.py ranks), with the paired-bootstrap 95% interval over the series
+    both forecast and the share of series each wins, from their forecasts.npz; "best" for the
+    best itself. Runs on other series, or without per-series totals, are left out."""
+    out = {}
+    for split in {m.get("split") for _, _, m in rows if m}:
+        found = {src: m for _, src, m in rows if m and m.get("split") == split}
+        top = metrics.best(list(found.values()))
+        ref = next(src for src, m in found.items() if m is top)
+        try:
+            reference = metrics.load_series(ref.parent / "forecasts.npz")
+        except metrics.TotalsError:
+            continue
+        out[ref] = "best"
+        for src in found.keys() - {ref}:
+            try:
+                other = metrics.load_series(src.parent / "forecasts.npz")
+            except metrics.TotalsError:
+                out[src] = "n/a (no per-series totals)"
+                continue
+            if not metrics.same_series(other, reference):
+                out[src] = "other series"
+                continue
+            d = metrics.paired(other[2], reference[2], metrics.BOOTSTRAP_RESAMPLES)
+            out[src] = metrics.shown_difference(d.get("mse_scaled_filled"))
+    return out
+
+
+def best_line(rows: list[Row], what: str) -> str | None:
+    """The best run as sweep.py picks it (metrics.best: lowest filled MSE, runs where nothing
+    parsed last)."""
+    found = [(labels, src, m) for labels, src, m in rows if m]
+    if not found:
         return None
-    mse, labels, src = min(scored, key=lambda x: x[0])
-    return f"Lowest validation MSE (scaled) of the {what}: {labels[0]}, {fmt(mse)} ({src})."
+    top = metrics.best([m for _, _, m in found])
+    labels, src, m = next(r for r in found if r[2] is top)
+    return (f"Best of the {what} (lowest validation filled MSE, scaled, as sweep.py ranks): "
+            f"{labels[0]}, {fmt(metrics.rank_score(m))} ({src}).")
 
 
 # ----------------------------------------------------------------------------- sections
@@ -374,7 +429,11 @@ def section_baselines(page: Page, runs: Runs) -> None:
         page.missing(f"baseline evaluations ({runs.root}/baselines/{{val,test}}/<name>/"
                      "metrics.json)")
     if rows or baselines:
-        page.table(metrics_table(["model"], rows + baselines))
+        page.table(metrics_table(["model"], rows + baselines, paired_with_best=True))
+        page.text("Each value's interval: the 95% bootstrap interval over the series (evaluate.py "
+                  "--bootstrap). NLL/D: the negative log-likelihood per value (scaled units); a "
+                  "baseline's from a Gaussian around its forecast with σ from its backtest on "
+                  "the contexts.")
 
 
 def sweep_config(sweep: Path) -> dict:
@@ -455,17 +514,20 @@ def training_table(run: Path) -> Table:
     last = records[-1] if records else {}
     rows = [[k, fmt(cfg.get(k, MISSING))] for k in
             ("model", "rank", "alpha", "targets", "lr", "schedule", "context_length",
-             "batch_size", "steps", "stop_reason") if k in cfg or k != "stop_reason"]
+             "batch_size", "steps")]
+    stopped = cfg.get("stopped")  # train.py's record of why the run ended
+    if isinstance(stopped, dict):
+        rows.append(["stopped", f"{stopped.get('reason', MISSING)}: {stopped.get('why', '')}"])
     rows += [["steps done", fmt(last.get("step", 0))], ["last train loss", fmt(last.get("loss"))],
              ["FLOPs counted", fmt(last.get("flops"))]]
     return Table(["setting", "value"], rows, f"{run / 'config.json'}, {run / 'metrics.jsonl'}")
 
 
-def interval_figure(npz_path: Path, out: Path) -> Path | None:
+def interval_figure(npz_path: Path, out: Path, index: int = 0) -> Path | None:
     """Median and 50%/90% intervals of the sampled forecasts (forecasts.npz `samples`, shape
-    (N, S, H, 2)) for the first series, beside the truth; None for greedy forecasts."""
+    (N, S, H, 2)) for the first series, beside the truth; None for greedy forecasts (S = 1)."""
     forecasts = read_npz(npz_path)
-    if "samples" not in forecasts:
+    if "samples" not in forecasts or forecasts["samples"].shape[1] < 2:
         return None
     samples, truths = forecasts["samples"], forecasts["truths"]
     import matplotlib
@@ -486,11 +548,46 @@ def interval_figure(npz_path: Path, out: Path) -> Path | None:
         ax.set_title(f"series {i}: {('prey', 'predator')[v]}", fontsize=9)
     axes[0, 0].legend(fontsize=7)
     axes[-1, 0].set_xlabel("forecast horizon (time steps)")
+    return save_figure(fig, out / f"forecast_intervals-{index}.png")
+
+
+def save_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    return atomic_write_bytes(out / "forecast_intervals.png", buf.getvalue())
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def calibration_figure(m: dict, png: Path) -> Path | None:
+    """The PIT histogram (flat when calibrated) and the coverage curve beside the diagonal and
+    the calibrated curve for this many samples, from metrics.json; None without them."""
+    histogram, curve = m.get("pit_histogram"), m.get("coverage_curve")
+    if not histogram or not curve:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    bins = len(histogram)
+    left.bar((np.arange(bins) + 0.5) / bins, histogram, width=1 / bins, edgecolor="w")
+    left.axhline(1 / bins, color="k", ls=":", label="calibrated")
+    left.set(xlabel="PIT (rank of the truth among the samples)", ylabel="share of cells",
+             title="PIT histogram")
+    left.legend(fontsize=7)
+    levels = curve["levels"]
+    right.plot([0, 1], [0, 1], "k:", label="diagonal")
+    right.plot(levels, curve["calibrated"], "k--", lw=1,
+               label=f"calibrated, {m.get('samples')} samples")
+    right.plot(levels, [np.nan if c is None else c for c in curve["coverage"]], "C0o-",
+               label="forecasts")
+    right.set(xlabel="central interval level", ylabel="coverage", title="coverage curve")
+    right.legend(fontsize=7)
+    return save_figure(fig, png)
 
 
 def section_final(page: Page, runs: Runs, final: Path | None, rule: str, out: Path) -> None:
@@ -511,25 +608,52 @@ def section_final(page: Page, runs: Runs, final: Path | None, rule: str, out: Pa
     events = sorted(final.rglob("events.out.tfevents.*"))
     if events:
         page.text(f"TensorBoard: {len(events)} event file(s); tensorboard --logdir {final}")
-    folder = eval_of(runs, final)
-    if folder is None:
+    folders = evals_of(runs, final)
+    if not folders:
         page.missing(f"an evaluation of {final / 'adapter'} (evaluate.py --adapter)")
         return
+    page.table(metrics_table(["split"], [([runs.evals[f].get("split", "?")], f / "metrics.json",
+                                          runs.evals[f]) for f in folders],
+                             paired_with_best=len(folders) > 1))
+    folder = folders[0]
     m, source = runs.evals[folder], folder / "metrics.json"
-    page.table(metrics_table(["split"], [([m.get("split", "?")], source, m)]))
     page.figure(folder / "trajectories.png", "forecasts against the truth")
-    if (folder / "forecasts.npz").exists():
-        picture = interval_figure(folder / "forecasts.npz", out)
-        if picture:
-            page.figure(picture, f"sampled forecast intervals from {folder / 'forecasts.npz'}")
-        else:
-            page.text(f"Greedy forecasts: no samples in {folder / 'forecasts.npz'}, so no "
-                      "intervals.")
+    for index, f in enumerate(folders):
+        if not (f / "forecasts.npz").exists():
+            continue
+        picture = interval_figure(f / "forecasts.npz", out, index)
+        if picture is None:
+            page.text(f"Greedy forecasts: no samples in {f / 'forecasts.npz'}, so no intervals.")
+            continue
+        page.figure(picture, f"sampled forecast intervals from {f / 'forecasts.npz'}")
+        calibration = calibration_figure(runs.evals[f], out / f"calibration-{index}.png")
+        if calibration:
+            page.figure(calibration, f"calibration of the samples in {f / 'metrics.json'}")
     by_h = [[str(h + 1)] + [fmt(m[k][h]) if k in m else MISSING
                             for k in ("mse_scaled_by_horizon", "mae_scaled_by_horizon")]
             for h in range(len(m.get("mse_scaled_by_horizon", [])))]
     page.table(Table(["horizon", "mse_scaled", "mae_scaled"], by_h, str(source)))
     page.figure(folder / "horizon.png", "error by forecast horizon")
+
+
+def sweep_plan(runs: Runs, closed_form: dict) -> tuple[dict, str]:
+    """(flops.plan_flops of the plan the sweep ran, which plan that is). With a sweep.json: its
+    --plan (fit or published) rebuilt by sweep.choose_plan from its flags, data file and model,
+    priced against its own --flops-budget; without one, sweep.py's default: the coursework plan
+    fitted to the 1e17 budget (flops.report's)."""
+    recorded = sweep_config(runs.sweep) if runs.sweep else {}
+    if not recorded:
+        return closed_form["fitted_plan"]["real"], "sweep.py's default, fitted to the budget"
+    where = runs.sweep / "sweep.json"
+    args = argparse.Namespace(**recorded)
+    try:
+        model = Qwen2Config() if args.model == DEFAULT_MODEL else load_config(Path(args.model))
+        plan, _ = choose_plan(args, model, evaluation_size(args))
+    except (AttributeError, CheckpointError, ConfigError, data.DataError, ValueError) as e:
+        raise ReportError(f"{where}: cannot rebuild the sweep's plan ({e}); restore the files it "
+                          "names (its --model and --data) or remove it") from None
+    return (flops.plan_flops(plan, model, budget=args.flops_budget),
+            f"--plan {args.plan}, as {where} records it")
 
 
 def section_flops(page: Page, runs: Runs, final: Path | None) -> None:
@@ -549,14 +673,14 @@ def section_flops(page: Page, runs: Runs, final: Path | None) -> None:
     steps = [[c, fmt(v["real"]), fmt(v["mha"])] for c, v in r["train_step"].items()]
     page.table(Table(["context", "FLOPs per training step", "as MHA"], steps,
                      "flops.train_step_flops"))
-    plan = r["plan"]["real"]
+    plan, which = sweep_plan(runs, r)
     page.table(Table(["stage", "steps", "context", "rank", "lr", "training", "evaluation"],
                      [[p["stage"], fmt(p["steps"]), fmt(p["seq_len"]), fmt(p["rank"]),
                        fmt(p["lr"]) if p["lr"] else "from the grid" if p["steps"] else "—",
                        fmt(p["train_flops"]), fmt(p["eval_flops"])] for p in plan["runs"]],
                      "flops.plan_flops"))
-    page.text(f"The plan: {fmt(plan['total'])} FLOPs = {100 * plan['share']:.1f}% of the "
-              f"{plan['budget']:.0e} budget ({'fits' if plan['fits'] else 'does NOT fit'}; "
+    page.text(f"The plan ({which}): {fmt(plan['total'])} FLOPs = {100 * plan['share']:.1f}% of "
+              f"the {plan['budget']:.3g} budget ({'fits' if plan['fits'] else 'does NOT fit'}; "
               "source: flops.plan_flops).")
     if runs.ledger is None:
         page.missing(f"the FLOP ledger ({runs.root}/ledger.jsonl)")
@@ -573,7 +697,7 @@ def section_flops(page: Page, runs: Runs, final: Path | None) -> None:
         page.text("Not counted here, other ledgers: " + ", ".join(map(str, runs.ledgers[1:])))
     used = sum(x["flops"] for x in records)
     page.text(f"Counted in the ledger: {fmt(used)} FLOPs in {len(records)} records = "
-              f"{100 * used / flops.BUDGET:.4g}% of the {flops.BUDGET:.0e} budget "
+              f"{100 * used / plan['budget']:.4g}% of the {plan['budget']:.3g} budget "
               f"(source: {runs.ledger}).")
 
 

@@ -46,6 +46,7 @@ import torch
 
 import data
 import flops
+from metrics import best, rank_score  # one ranking for the sweep and report.py
 from qwen_min import CheckpointError
 from qwen_min.loading import DEFAULT_MODEL, ConfigError, load_config, resolve_checkpoint
 from qwen_min.model import Qwen2Config
@@ -338,19 +339,6 @@ def run_concurrently(args: argparse.Namespace, admission: Admission, runs: list[
     return rows, len(rows) == len(runs)
 
 
-def score(row: dict) -> float | None:
-    """The validation score "best" minimises: mse_scaled_filled, or mse_scaled where the
-    metrics predate it; None when no step parsed."""
-    filled = row.get("mse_scaled_filled")
-    return row["mse_scaled"] if filled is None else filled
-
-
-def best(rows: list[dict]) -> dict:
-    """Lowest score; runs without one (nothing parsed) rank after all others, by the
-    teacher-forced cross-entropy, so a stage whose forecasts all fail still picks a setting."""
-    return min(rows, key=lambda r: (score(r) is None, score(r) or 0.0, r["teacher_forced_ce"]))
-
-
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -379,7 +367,7 @@ def plot_heatmap(out: Path, grid: list[dict], ranks: list[int], lrs: list[float]
 
     z = np.full((len(ranks), len(lrs)), np.nan)
     for r in grid:
-        v = score(r)
+        v = rank_score(r)
         z[ranks.index(r["rank"]), lrs.index(r["lr"])] = np.nan if v is None else v
     fig, ax = plt.subplots(figsize=(5, 3.6))
     im = ax.imshow(z, cmap="viridis_r")

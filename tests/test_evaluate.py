@@ -163,33 +163,6 @@ def test_sampled_forecasts(setup, tmp_path, monkeypatch):
     assert saved["forecasts"][0, 0, 0] == pytest.approx(16.0, rel=REL)  # the median: 8.00·α
 
 
-def test_crps_known_cases():
-    y = np.array([[1.0]])  # (N=1, cells=1)
-    assert evaluate.crps(np.array([[[3.0]]]), y).item() == 2.0  # one sample: |x − y|
-    # two samples: ½(|x1 − y| + |x2 − y|) − ¼·|x1 − x2| = ½(1 + 3) − ¼·4 = 1
-    assert evaluate.crps(np.array([[[0.0], [4.0]]]), y).item() == 1.0
-    # an unparsed sample is left out; no parsed sample → NaN
-    assert evaluate.crps(np.array([[[0.0], [4.0], [np.nan]]]), y).item() == 1.0
-    assert np.isnan(evaluate.crps(np.array([[[np.nan]]]), y).item())
-
-
-def test_coverage_counts_the_truth_inside_the_central_interval():
-    values = np.arange(11.0)[None, :, None]  # (1 series, 11 samples 0…10, 1 cell)
-    # quantiles: 50% → [2.5, 7.5], 90% → [0.5, 9.5]
-    assert evaluate.coverage(values, np.array([[2.0]]), 0.5) == 0.0
-    assert evaluate.coverage(values, np.array([[2.0]]), 0.9) == 1.0
-    assert evaluate.coverage(values, np.array([[9.6]]), 0.9) == 0.0
-
-
-def test_score_reports_interval_coverage():
-    """Two cells, samples (0, 1, 2) in each: 50% interval [0.5, 1.5], 90% [0.1, 1.9]. Truth 0
-    lies in neither, truth 1 in both. (Through evaluate.py the stored float32 data never equal
-    a decoded forecast exactly, so coverage is pinned here.)"""
-    values = np.array([0.0, 1.0, 2.0])[None, :, None, None].repeat(2, axis=3)  # (1, 3, 1, 2)
-    m = evaluate.score(values, np.array([[[0.0, 1.0]]]), np.zeros((1, 2)), alpha=1.0)
-    assert (m["coverage_50"], m["coverage_90"]) == (0.5, 0.5)
-
-
 def test_baseline_run_same_outputs_and_a_zero_flop_record(setup, tmp_path):
     """persistence repeats (12, 19.98): scaled prey errors −1, −2, −3, predator 0, so MSE 14/6."""
     assert evaluate.main(base_args(setup, tmp_path, "--baseline", "persistence")) == 0
@@ -202,9 +175,19 @@ def test_baseline_run_same_outputs_and_a_zero_flop_record(setup, tmp_path):
     assert (record["kind"], record["flops"], record["series"]) == ("baseline", 0, [0, 2])
     for f in ("per_series.csv", "forecasts.npz", "trajectories.png", "horizon.png"):
         assert (tmp_path / "eval" / f).stat().st_size > 0
+    # its density: a Gaussian around the forecast, σ per horizon from the backtest on the
+    # context (steps 4–6 from step 3: prey errors 1, 2, 3 scaled, so σ = h; predator exact, so
+    # σ = the bin floor 0.01/√12): per cell ½ln(2πσ²) + e²/(2σ²), e = σ for prey, 0 for predator
+    floor = 0.01 / math.sqrt(12)
+    prey = [0.5 * math.log(2 * math.pi * h * h) + 0.5 for h in (1, 2, 3)]
+    nll = (sum(prey) + 3 * 0.5 * math.log(2 * math.pi * floor**2)) / 6
+    assert m["nll_per_dim_scaled"] == pytest.approx(nll, rel=REL)
+    assert m["nll_per_dim"] == pytest.approx(nll + math.log(2.0), rel=REL)
     assert evaluate.main(["--compare", str(tmp_path / "eval"), "--out", str(tmp_path / "c")]) == 0
     row = (tmp_path / "c" / "compare.md").read_text().splitlines()[2]
-    assert row == f"| {tmp_path / 'eval'} | 2 | baseline | 2.333 | 2.333 | 1 | 1 | 0 | — | — |"
+    # two identical series: every resample gives the same mean, so each interval is a point
+    assert row == (f"| {tmp_path / 'eval'} | 2 | baseline | 2.333 [2.33, 2.33] | 2.333 [2.33, "
+                   "2.33] | 1 [1, 1] | -1.456 [-1.46, -1.46] | 1 [1, 1] | — | 0 | — | — |")
 
 
 def test_baseline_info_averages_measures_and_counts_categories():
@@ -391,3 +374,39 @@ def test_auto_batch_size_counts_the_prefill_activations(monkeypatch):
     sampled = evaluate.auto_batch_size(model, cuda, 20, 770, 910, 140)
     assert sampled == room // (41 * 22_364_160) == 7
     assert evaluate.auto_batch_size(model, torch.device("cpu"), 8, 770, 910, 140) == 16
+
+
+def test_compare_pairs_runs_on_the_same_series_and_refuses_others(setup, tmp_path, capsys):
+    """Two identical runs: each metric's paired difference is 0 with interval [0, 0], neither
+    wins a series. A run on other series (another --limit) is refused with one line."""
+    folders = [tmp_path / name for name in ("a", "b", "c")]
+    for folder, limit in zip(folders, ("2", "2", "3")):
+        args = base_args(setup, tmp_path, "--baseline", "persistence", "--limit", limit,
+                         "--plot-series", "0")
+        assert evaluate.main([*args, "--out", str(folder)]) == 0
+    capsys.readouterr()
+    assert evaluate.main(["--compare", *map(str, folders[:2]), "--out", str(tmp_path / "c1")]) == 0
+    lines = (tmp_path / "c1" / "compare.md").read_text().splitlines()
+    zero = "+0 [+0, +0]; wins 0% / 0%"
+    assert lines[-1] == f"| {folders[1]} | " + " | ".join([zero] * 5) + " |"
+    assert evaluate.main(["--compare", *map(str, folders), "--out", str(tmp_path / "c2")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --compare: {folders[2]} and {folders[0]} forecast different series (their "
+        "forecasts.npz indices or true values differ); compare runs on the same data file, "
+        "split and --limit\n")
+    assert not (tmp_path / "c2").exists()
+
+
+def test_compare_without_per_series_totals_is_a_one_line_error(setup, tmp_path, capsys):
+    """forecasts.npz from before the per-series totals: --compare cannot pair it, and says so."""
+    folder = tmp_path / "old"
+    args = base_args(setup, tmp_path, "--baseline", "persistence", "--plot-series", "0")
+    assert evaluate.main([*args, "--out", str(folder)]) == 0
+    with np.load(folder / "forecasts.npz") as f:
+        kept = {k: f[k] for k in ("indices", "forecasts", "samples", "truths")}
+    np.savez(folder / "forecasts.npz", **kept)
+    capsys.readouterr()
+    assert evaluate.main(["--compare", str(folder), "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {folder / 'forecasts.npz'}: no per-series totals (sum_*, count_*), written by "
+        "an older evaluate.py; run the evaluation again to compare it\n")

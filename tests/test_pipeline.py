@@ -142,6 +142,7 @@ def test_teacher_forced_ce_through_the_rewound_cache_equals_a_full_pass(setup):
     """evaluate.py reuses generation's KV cache for the teacher-forced pass: same numbers as
     running prompt + target from scratch, for left-padded prompts and ragged targets."""
     from qwen_min import KVCache, generate, load_model
+    from qwen_min.grammar import LLMTimeGrammar
     from qwen_min.model import cross_entropy
 
     model = load_model(setup[1])
@@ -151,7 +152,8 @@ def test_teacher_forced_ce_through_the_rewound_cache_equals_a_full_pass(setup):
     ids, mask = evaluate.left_pad(prompts)
     cache = KVCache(model.cfg, 3, ids.shape[1] + 9, torch.float32, "cpu")
     _, step_logits = generate(model, ids, 4, mask, cache=cache)
-    got = evaluate.teacher_forced_ce(model, cache, mask, targets, step_logits[:, 0])
+    tables = LLMTimeGrammar().tables(model.cfg.vocab_size)
+    got, _ = evaluate.teacher_forced(model, cache, mask, targets, step_logits[:, 0], tables)
     with torch.no_grad():
         want = [cross_entropy(model(torch.tensor([p + t]))[0, len(p) - 1 : -1], torch.tensor(t))
                 for p, t in zip(prompts, targets)]

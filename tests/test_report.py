@@ -23,6 +23,7 @@ import pytest
 import data
 import evaluate
 import flops
+import metrics as metrics_module
 import report
 import sweep
 import train
@@ -59,20 +60,20 @@ def runs(tmp_path_factory, tiny) -> Path:
     sweep.plot_heatmap(root / "sweep", [{"rank": 2, "lr": 0.01, "mse_scaled": None}], [2, 4],
                        [0.01, 0.02])
     # the layouts others are adding: a baseline evaluation, a sampled forecast, provenance
-    baseline = metrics(root / "eval-untrained") | {"baseline": "last value",
-                                                    "mse_scaled": 0.0123456, "crps_scaled": 0.5}
+    # (from an evaluate.py that wrote no intervals)
+    baseline = {k: v for k, v in metrics(root / "eval-untrained").items()
+                if not k.endswith("_ci95")} | {"baseline": "last value", "mse_scaled": 0.0123456,
+                                                "crps_scaled": 0.5}
     (root / "baselines" / "val" / "last-value").mkdir(parents=True)
     (root / "baselines" / "val" / "last-value" / "metrics.json").write_text(json.dumps(baseline))
+    # the final adapter sampled too: 6 samples per series
+    assert evaluate.main([*common, *SHORT_EVAL, "--adapter", str(final / "adapter"), "--samples",
+                          "6", "--out", str(final / "eval-samples")]) == 0
     # a random model parses no step, so its errors are null: give the final run's horizons
     # numbers, as a trained one has, so that the table's columns are checked on values
     scored = metrics(final / "eval") | {"mse_scaled_by_horizon": [0.5, 0.25],
                                         "mae_scaled_by_horizon": [0.7, 0.35]}
     (final / "eval" / "metrics.json").write_text(json.dumps(scored))
-    npz = final / "eval" / "forecasts.npz"
-    with np.load(npz) as f:
-        arrays = dict(f)
-    spread = np.random.default_rng(0).normal(1.0, 0.1, (1, 8, 2, 2))  # (N, S, H, 2)
-    np.savez(npz, **(arrays | {"samples": arrays["truths"][:, None] * spread}))
     config = grid / "config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"provenance": RECORDED}))
     # and a run from before train.py recorded provenance: the report falls back to file time
@@ -115,7 +116,9 @@ def shown(v: float | None) -> float | str:
 
 
 def read(cell: str) -> float | str:
-    return cell if cell == "—" else float(cell)
+    """A cell's value, without the interval that may follow it."""
+    value = cell.split(" [")[0]
+    return value if value == "—" else float(value)
 
 
 def read_md(runs: Path) -> str:
@@ -214,7 +217,7 @@ def test_runs_table_gives_recorded_provenance_else_file_time(runs):
         "2026-01-02T03:04:05+00:00", "0123abc (uncommitted changes)")
     other = rows[str(runs / "sweep" / "final")]
     assert other["git commit"] == "commit not recorded" and other["date"].endswith("(file time)")
-    assert len(table) == 6  # 2 training runs, their evaluations, the untrained one, a baseline
+    assert len(table) == 7  # 2 training runs, their 3 evaluations, the untrained one, a baseline
 
 
 def test_a_runs_folder_that_does_not_exist_is_a_one_line_error(tmp_path, capsys):
@@ -250,6 +253,8 @@ def test_provenance_names_the_checked_out_commit_and_the_time_now():
 CHECKER = """<script>window.addEventListener("load", () => {
   document.body.setAttribute("data-widths",
     JSON.stringify([...document.images].map(i => i.complete ? i.naturalWidth : 0)));
+  document.body.setAttribute("data-tables", JSON.stringify([...document.querySelectorAll(
+    "table")].map(t => [t.getBoundingClientRect().right, document.documentElement.clientWidth])));
 });</script>"""
 
 
@@ -258,7 +263,7 @@ def test_index_html_embeds_every_figure_byte_for_byte(runs):
     embedded = [base64.b64decode(x) for x in re.findall(r'src="data:image/png;base64,([^"]*)"',
                                                           page)]
     sources = re.findall(r"^Source: (\S+\.png)$", read_md(runs), re.M)
-    assert len(sources) == 5  # heatmap, loss, trajectories, intervals, horizon
+    assert len(sources) == 6  # heatmap, loss, trajectories, intervals, calibration, horizon
     assert embedded == [Path(x).read_bytes() for x in sources]
 
 
@@ -275,8 +280,11 @@ def test_index_html_renders_in_headless_chromium_with_every_image_decoded(runs, 
     found = re.search(r'data-widths="([^"]*)"', done.stdout)
     assert found, f"no result from Chromium (exit {done.returncode}): {done.stderr[-500:]}"
     widths = json.loads(html.unescape(found[1]))
-    assert len(widths) == read_md(runs).count("\n![") == 5
+    assert len(widths) == read_md(runs).count("\n![") == 6
     assert min(widths) > 0, widths
+    # no table runs past the page (at the default window, 800 px wide)
+    tables = json.loads(html.unescape(re.search(r'data-tables="([^"]*)"', done.stdout)[1]))
+    assert len(tables) == page.count("<table>") and all(r <= w for r, w in tables), tables
     assert [x for x in done.stderr.splitlines() if ":CONSOLE" in x] == []
 
 
@@ -288,3 +296,130 @@ def test_grid_and_context_runs_come_from_sweep_json(tmp_path):
     assert report.grid_names(tmp_path) == ["grid-r2-lr0.001", "grid-r2-lr0.01",
                                            "grid-r4-lr0.001", "grid-r4-lr0.01"]
     assert report.context_names(tmp_path) == ["context-64", "context-128"]
+
+
+def same(cell: str, value) -> bool:
+    """A table cell equals its source value as the report prints it (4 significant digits,
+    e-notation for counts ≥ 10⁶, an interval after the value where the source has one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return cell == ("—" if value is None else str(value))
+    if isinstance(value, int) and abs(value) < 1_000_000:
+        return int(cell) == value
+    return read(cell) == (float(f"{value:.4e}") if isinstance(value, int) else shown(value))
+
+
+def interval_of(cell: str) -> list[float] | None:
+    found = re.search(r" \[(\S+), (\S+)\]$", cell)
+    return [float(found[1]), float(found[2])] if found else None
+
+
+def test_settings_and_results_tables_equal_their_source_records(runs):
+    """Every cell of the final run's settings table equals config.json (the stop reason:
+    its `stopped` record) or metrics.jsonl's last record; every metric cell of the evaluation
+    tables (value and bootstrap interval) equals that evaluation's metrics.json. The final
+    adapter's sampled evaluation is tabulated beside the greedy one, with CRPS and coverage."""
+    md = read_md(runs)
+    settings, _, evaluation, _ = tables(section(md, "5. The final run"))
+    final = runs / "sweep" / "final"
+    cfg = json.loads((final / "config.json").read_text())
+    last = [json.loads(x) for x in (final / "metrics.jsonl").read_text().splitlines() if x][-1]
+    got = {r["setting"]: r["value"] for r in settings}
+    for k in ("model", "rank", "alpha", "targets", "lr", "schedule", "context_length",
+              "batch_size", "steps"):
+        assert same(got[k], cfg[k]), k
+    assert got["stopped"] == "completed: reached --steps 2"
+    assert got["stopped"] == f"{cfg['stopped']['reason']}: {cfg['stopped']['why']}"
+    assert same(got["steps done"], last["step"]) and same(got["last train loss"], last["loss"])
+    assert same(got["FLOPs counted"], last["flops"])
+    (headline,) = tables(section(md, "2. The untrained model"))
+    checked = 0
+    for rows, folders in ((evaluation, (final / "eval", final / "eval-samples")),
+                          (headline[:1], (runs / "eval-untrained",))):
+        assert [r["source"] for r in rows] == [str(f / "metrics.json") for f in folders]
+        for row, folder in zip(rows, folders):
+            m = metrics(folder)
+            for key in set(report.METRIC_KEYS) & set(row):
+                assert same(row[key].split(" [")[0] if m[key] is not None else row[key],
+                            m[key]), (folder, key)
+                ci = m.get(f"{key}_ci95")
+                assert interval_of(row[key]) == (ci and [float(f"{x:.3g}") for x in ci]), key
+                checked += 1
+    sampled = evaluation[1]
+    assert sampled["decoding"] == "grammar-constrained, 6 samples"
+    assert {"crps_scaled", "coverage_50", "coverage_90", "nll_per_dim_scaled"} <= set(sampled)
+    assert sampled["coverage_90"] != "n/a" and checked >= 30
+
+
+def test_interval_figures_come_only_from_sampled_evaluations(runs):
+    text = section(read_md(runs), "5. The final run")
+    final = runs / "sweep" / "final"
+    assert (f"Greedy forecasts: no samples in {final / 'eval' / 'forecasts.npz'}, so no "
+            "intervals.") in text
+    assert f"![sampled forecast intervals from {final / 'eval-samples' / 'forecasts.npz'}]" in text
+    assert f"![calibration of the samples in {final / 'eval-samples' / 'metrics.json'}]" in text
+    assert text.count("![sampled forecast intervals") == 1
+    assert report.interval_figure(final / "eval" / "forecasts.npz", runs) is None
+
+
+def test_best_ranks_as_the_sweep_does(tmp_path):
+    """Filled MSE decides (a run failing half its steps has a low MSE over the steps that
+    parsed, and a high filled one); a run where nothing parsed comes last."""
+    rows = [(["fails-half"], tmp_path / "a", {"mse_scaled": 0.01, "mse_scaled_filled": 0.9,
+                                               "teacher_forced_ce": 1.0}),
+            (["steady"], tmp_path / "b", {"mse_scaled": 0.2, "mse_scaled_filled": 0.2,
+                                          "teacher_forced_ce": 2.0}),
+            (["nothing-parsed"], tmp_path / "c", {"mse_scaled": None, "mse_scaled_filled": None,
+                                                  "teacher_forced_ce": 0.1})]
+    assert report.best_line(rows, "grid") == (
+        f"Best of the grid (lowest validation filled MSE, scaled, as sweep.py ranks): steady, "
+        f"0.2 ({tmp_path / 'b'}).")
+    assert sweep.best([m for _, _, m in rows]) is rows[1][2]
+
+
+def write_eval(folder: Path, errors: np.ndarray, indices: list[int], split: str = "val") -> Path:
+    """A minimal evaluation: metrics.json and forecasts.npz whose forecasts miss a zero truth by
+    `errors` (N, steps, 2)."""
+    folder.mkdir(parents=True)
+    truths = np.zeros(errors.shape)
+    scores, totals = metrics_module.score(errors[:, None], truths, truths[:, 0], alpha=1.0)
+    (folder / "metrics.json").write_text(json.dumps(
+        scores | {"split": split, "n_series": len(errors), "teacher_forced_ce": None}))
+    np.savez(folder / "forecasts.npz", indices=np.array(indices), truths=truths,
+             **metrics_module.totals_arrays(totals))
+    return folder / "metrics.json"
+
+
+def test_headline_marks_differences_whose_interval_excludes_zero(tmp_path):
+    """Run b misses by run a's error + 1 everywhere: a is best, b's filled MSE is higher on
+    every series (interval above 0, marked *), a run on other series is not paired."""
+    rng = np.random.default_rng(0)
+    small = rng.normal(0.0, 0.3, (12, 2, 2))
+    a = write_eval(tmp_path / "a", small, list(range(12)))
+    b = write_eval(tmp_path / "b", np.abs(small) + 1.0, list(range(12)))
+    c = write_eval(tmp_path / "c", small, list(range(1, 13)))
+    rows = [([n], p, json.loads(p.read_text())) for n, p in (("a", a), ("b", b), ("c", c))]
+    table = report.metrics_table(["model"], rows, paired_with_best=True)
+    versus = {r[0]: r[-2] for r in table.rows}
+    assert versus["a"] == "best" and versus["c"] == "other series"
+    assert re.fullmatch(r"\+\S+ \[\+\S+, \+\S+\]\*; wins 0% / 100%", versus["b"]), versus["b"]
+    same_errors = write_eval(tmp_path / "d", small, list(range(12)))
+    d = report.versus_best(rows[:1] + [(["d"], same_errors, json.loads(same_errors.read_text()))])
+    assert d[same_errors] == "+0 [+0, +0]; wins 0% / 0%"  # identical runs: no difference
+
+
+def test_flop_section_shows_the_plan_the_sweep_ran(tiny, tmp_path):
+    """sweep.json's --plan fit at its own --flops-budget (1e15), rebuilt as sweep.py builds
+    it, not the published plan against 1e17."""
+    _, model = tiny
+    data.main(["--out", str(tmp_path / "lv.h5"), "--systems", "40", "--seed", "0"])
+    args = sweep.parse_args(["--model", str(model), "--data", str(tmp_path / "lv.h5"),
+                             "--flops-budget", "1e15", "--out", str(tmp_path / "sweep")])
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps(vars(args)))
+    runs = report.Runs(tmp_path, [], {}, [tmp_path / "sweep"], [])
+    plan, which = report.sweep_plan(runs, flops.report(4, 512, 4, None))
+    cfg = report.load_config(model)
+    expected = flops.plan_flops(sweep.choose_plan(args, cfg, sweep.evaluation_size(args))[0],
+                                cfg, budget=1e15)
+    assert plan == expected and plan["budget"] == 1e15 and plan["fits"]
+    assert which == f"--plan fit, as {tmp_path / 'sweep' / 'sweep.json'} records it"
