@@ -41,6 +41,7 @@ from tqdm import tqdm
 import baselines
 import data
 import flops
+import ledger
 from lora import AdapterError, load_adapter
 from qwen_min import CheckpointError, KVCache, count_flops, generate, load_model, load_tokenizer
 from qwen_min.generate import cache_dtype
@@ -77,7 +78,7 @@ DEFAULTS = dict(
     device="auto",
     out="runs/eval",
     ledger="runs/ledger.jsonl",
-    flops_budget=flops.BUDGET,
+    flops_budget=ledger.BUDGET,
     plot_series=4,
 )
 # What defines the split and the encoding. An adapter's metadata fixes them (a flag that
@@ -299,7 +300,7 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
     sample_tokens = None if args.unconstrained else len(grammar.token_ids)
     planned = sum(batch_flops(model, prompts[sl], targets[sl], new_tokens, args.samples,
                               args.top_p, sample_tokens) for sl in batches)
-    flops.check_budget(args.ledger, planned, args.flops_budget, args.force)
+    ledger.check_budget(args.ledger, planned, args.flops_budget, args.force)
     values = np.full((len(prompts), S, args.forecast_steps, 2), np.nan)
     texts, tf_ce, gen_ce, total = [], [], [], 0
     for sl in tqdm(batches, desc=f"eval {args.split}", unit="batch", dynamic_ncols=True):
@@ -327,7 +328,7 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
             values[sl.start + r // S, r % S] = scaler.decode(text, n_steps=args.forecast_steps)[0]
             texts.append(text)
         total += counter.total
-        flops.append_ledger(args.ledger, {
+        ledger.append_ledger(args.ledger, {
             "kind": "eval", "name": str(out), "flops": counter.total, "split": args.split,
             "series": [sl.start, sl.stop], "prompt_len": T, "new_tokens": tokens.shape[1],
             "target_lens": [len(t) for t in targets[sl]], "samples": args.samples,
@@ -342,7 +343,7 @@ def forecast_with_baseline(args, series, time, context_steps: int, out):
     res = baselines.forecast(args.baseline, series[:, :context_steps], args.forecast_steps,
                              time=time[: context_steps + args.forecast_steps])
     values = np.where(np.isfinite(res.forecasts), res.forecasts, np.nan)[:, None]
-    flops.append_ledger(args.ledger, {"kind": "baseline", "name": str(out), "flops": 0,
+    ledger.append_ledger(args.ledger, {"kind": "baseline", "name": str(out), "flops": 0,
                                       "baseline": args.baseline, "split": args.split,
                                       "series": [0, len(series)]})
     info = {k: float(np.mean(v)) for k, v in res.info.items() if np.shape(v) == (len(series),)}
@@ -586,7 +587,7 @@ def main(argv=None) -> int:
         try:
             values, texts, tf_ce, gen_ce, counted = forecast_with_model(
                 args, model, tokenizer, scaler, prompts, targets, device, dtype, out)
-        except flops.BudgetError as e:
+        except ledger.BudgetError as e:
             return fail(str(e), code=3)
 
     metrics = {

@@ -40,6 +40,7 @@ import numpy as np
 
 import data
 import flops
+import ledger
 from qwen_min.runtime import atomic_write_bytes, atomic_write_text, provenance
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -548,8 +549,8 @@ def section_flops(page: Page, runs: Runs, final: Path | None) -> None:
         page.missing(f"the FLOP ledger ({runs.root}/ledger.jsonl)")
         return
     try:
-        records = flops.read_ledger(runs.ledger)
-    except flops.LedgerError as e:
+        records = ledger.read_ledger(runs.ledger)
+    except ledger.LedgerError as e:
         raise ReportError(str(e)) from None
     rows = [[x["kind"], x["name"], fmt(x["flops"]),
              "–".join(map(str, x["steps"])) if "steps" in x else "", x.get("timestamp", "")]
@@ -559,7 +560,7 @@ def section_flops(page: Page, runs: Runs, final: Path | None) -> None:
         page.text("Not counted here, other ledgers: " + ", ".join(map(str, runs.ledgers[1:])))
     used = sum(x["flops"] for x in records)
     page.text(f"Counted in the ledger: {fmt(used)} FLOPs in {len(records)} records = "
-              f"{100 * used / flops.BUDGET:.4g}% of the {flops.BUDGET:.0e} budget "
+              f"{100 * used / ledger.BUDGET:.4g}% of the {ledger.BUDGET:.0e} budget "
               f"(source: {runs.ledger}).")
 
 

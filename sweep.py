@@ -46,6 +46,7 @@ import torch
 
 import data
 import flops
+import ledger
 from qwen_min import CheckpointError
 from qwen_min.loading import DEFAULT_MODEL, load_config, resolve_checkpoint
 from qwen_min.model import ConfigError, Qwen2Config
@@ -143,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=number(int, 1), help="validation series per run")
     p.add_argument("--forecast-steps", type=number(int, 1), default=10)
     p.add_argument("--eval-batch-size", type=batch_size, help="evaluate.py's --batch-size")
-    p.add_argument("--flops-budget", type=number(float, 0, strict=True), default=flops.BUDGET)
+    p.add_argument("--flops-budget", type=number(float, 0, strict=True), default=ledger.BUDGET)
     p.add_argument("--early-stop", type=number(int, 1),
                    help="train.py --early-stop N for every run (give --eval-every in --extra)")
     p.add_argument("--tensorboard", action="store_true",
@@ -276,7 +277,7 @@ class Admission:
         return flops.plan_flops(flops.Plan((run,), self.evaluation), self.cfg)["total"]
 
     def fits(self, planned: int) -> bool:
-        ahead = flops.ledger_total(self.args.ledger) + sum(self.in_flight.values())
+        ahead = ledger.ledger_total(self.args.ledger) + sum(self.in_flight.values())
         return ahead + planned <= self.args.flops_budget
 
     @contextlib.contextmanager

@@ -13,6 +13,7 @@ import torch
 import data
 import evaluate
 import flops
+import ledger
 from lora import apply_lora, save_adapter
 from qwen_min import generate, load_model, load_tokenizer
 from tools.checkpoints import write_tiny_checkpoint
@@ -194,7 +195,7 @@ def test_baseline_run_same_outputs_and_a_zero_flop_record(setup, tmp_path):
     assert m["mse_scaled_by_horizon"] == pytest.approx([0.5, 2.0, 4.5], rel=REL)
     assert m["decoding"] == "baseline" and m["baseline"] == "persistence"
     assert m["parse_failure_rate"] == 0.0 and m["flops"] == 0
-    (record,) = flops.read_ledger(tmp_path / "ledger.jsonl")
+    (record,) = ledger.read_ledger(tmp_path / "ledger.jsonl")
     assert (record["kind"], record["flops"], record["series"]) == ("baseline", 0, [0, 2])
     for f in ("per_series.csv", "forecasts.npz", "trajectories.png", "horizon.png"):
         assert (tmp_path / "eval" / f).stat().st_size > 0
@@ -303,7 +304,7 @@ def test_ledger_equals_the_closed_form(setup, adapter, tmp_path, monkeypatch):
                      "--limit", "3", "--forecast-steps", "1", "--unconstrained")
     assert evaluate.main(args) == 0
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    records = flops.read_ledger(tmp_path / "ledger.jsonl")
+    records = ledger.read_ledger(tmp_path / "ledger.jsonl")
     assert [r["series"] for r in records] == [[0, 2], [2, 3]]
     cfg = load_model(setup[0]).cfg
     lora = dict(lora_rank=2, lora_targets=["o_proj", "q_proj"])
@@ -329,7 +330,7 @@ def test_sampled_constrained_ledger_equals_the_closed_form(setup, adapter, tmp_p
                      "--limit", "3", "--forecast-steps", "1", "--samples", "2", "--top-p", "0.9")
     assert evaluate.main(args) == 0
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    records = flops.read_ledger(tmp_path / "ledger.jsonl")
+    records = ledger.read_ledger(tmp_path / "ledger.jsonl")
     cfg = load_model(setup[0]).cfg
     for r in records:
         assert r["flops"] == flops.evaluation_flops(

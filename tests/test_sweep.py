@@ -22,6 +22,7 @@ import torch
 
 import data
 import flops
+import ledger
 import sweep
 from qwen_min.model import Qwen2Config
 from tools.checkpoints import TINY, write_tiny_checkpoint
@@ -91,8 +92,8 @@ def test_sweep_runs_all_three_stages(finished):
     overall = min(rows[:4], key=key)
     assert (rows[4]["rank"], rows[4]["lr"], rows[4]["context"]) == (
         overall["rank"], overall["lr"], overall["context"])
-    ledger = flops.read_ledger(out / "ledger.jsonl")
-    assert sorted((r["kind"], Path(r["name"]).relative_to(out).as_posix()) for r in ledger) == \
+    records = ledger.read_ledger(out / "ledger.jsonl")
+    assert sorted((r["kind"], Path(r["name"]).relative_to(out).as_posix()) for r in records) == \
         sorted([("train", n) for n in NAMES] + [("eval", f"{n}/eval") for n in NAMES])
     note = (out / "summary.md").read_text().splitlines()[-1]
     assert note == f"All stages finished within the budget. {BEST_BY}"
@@ -140,7 +141,7 @@ def test_an_evaluation_refused_for_budget_stops_the_sweep_cleanly(tiny, tmp_path
     assert (out / NAMES[0] / "adapter").is_dir()
     assert not (out / NAMES[0] / "eval" / "metrics.json").exists()
     assert not (out / NAMES[1]).exists()
-    assert flops.ledger_total(out / "ledger.jsonl") == train
+    assert ledger.ledger_total(out / "ledger.jsonl") == train
     assert read_csv(out / "summary.csv") == []
     note = (out / "summary.md").read_text().splitlines()[-1]
     assert note == f"Stopped in the grid: the budget ({budget:.3g}) would be exceeded. {BEST_BY}"
@@ -304,7 +305,7 @@ def test_two_cpu_slots_run_a_stage_at_once_and_end_as_the_sequential_sweep(tiny,
     assert [json.loads((out / n / "config.json").read_text())["device"] for n in NAMES] == \
         ["cpu"] * len(NAMES)
     owners = [Path(r["name"]).relative_to(out).parts[0] for r in
-              flops.read_ledger(out / "ledger.jsonl")]
+              ledger.read_ledger(out / "ledger.jsonl")]
 
     def span(name: str) -> range:
         where = [i for i, owner in enumerate(owners) if owner == name]

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import data
 import flops
+import ledger
 import train
 from qwen_min import load_model, load_tokenizer
 from tools.checkpoints import TINY, write_tiny_checkpoint
@@ -141,8 +142,8 @@ def test_eval_every_validates_at_its_multiples_and_counts_the_flops(small, tmp_p
     step = flops.train_step_flops(cfg, 2, 64, 8, ("q_proj", "v_proj"))
     evaluation = sum(flops.teacher_forced_flops(cfg, rows, 64, 8, ("q_proj", "v_proj"))
                      for rows in (2, 1))  # 3 windows in batches of 2
-    ledger = flops.read_ledger(tmp_path / "ev-ledger.jsonl")
-    assert [(r["steps"], r["flops"]) for r in ledger] == [([0, 5], 5 * step + 2 * evaluation)]
+    records = ledger.read_ledger(tmp_path / "ev-ledger.jsonl")
+    assert [(r["steps"], r["flops"]) for r in records] == [([0, 5], 5 * step + 2 * evaluation)]
     # the budget check planned exactly what ran
     plan = train.planned_flops(train.parse_args(argv), cfg, ("q_proj", "v_proj"), 0, 3)
     assert plan == 5 * step + 2 * evaluation
@@ -162,9 +163,9 @@ def test_sigterm_finishes_the_step_and_checkpoints(small, tmp_path):
     done = metrics(run)[-1]["step"]
     assert 2 <= state["step"] == done < 200  # the step under way was finished, then saved
     assert json.loads((run / "config.json").read_text())["stopped"]["reason"] == "interrupted"
-    ledger = flops.read_ledger(tmp_path / "term-ledger.jsonl")
-    assert [r["steps"] for r in ledger] == [[0, done]]
-    assert ledger[0]["flops"] == state["flops"] == metrics(run)[-1]["flops"]
+    records = ledger.read_ledger(tmp_path / "term-ledger.jsonl")
+    assert [r["steps"] for r in records] == [[0, done]]
+    assert records[0]["flops"] == state["flops"] == metrics(run)[-1]["flops"]
 
 
 # ----------------------------------------------------------------------------- flags
@@ -301,10 +302,10 @@ def test_early_stop_keeps_the_best_adapter_and_charges_only_what_ran(small, tmp_
                  for r in (run, tmp_path / "two"))
     assert all(torch.equal(best[k], two[k]) for k in two)
     step = flops.train_step_flops(load_model(small[0]).cfg, 2, 64, 8, ("q_proj", "v_proj"))
-    assert flops.ledger_total(tmp_path / "es-ledger.jsonl") == 4 * step  # not 10 steps
+    assert ledger.ledger_total(tmp_path / "es-ledger.jsonl") == 4 * step  # not 10 steps
     # resumable: a stopped run stays stopped, and nothing more is charged
     assert train.main(argv + ["--resume"]) == 0
-    assert flops.ledger_total(tmp_path / "es-ledger.jsonl") == 4 * step
+    assert ledger.ledger_total(tmp_path / "es-ledger.jsonl") == 4 * step
 
 
 # ----------------------------------------------------------------------------- TensorBoard
