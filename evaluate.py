@@ -31,6 +31,7 @@ import csv
 import io
 import json
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -117,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder")
     p.add_argument("--ledger", help="JSONL FLOP ledger")
     p.add_argument("--flops-budget", type=float)
-    p.add_argument("--force", action="store_true", help="run even if the budget would be exceeded")
+    p.add_argument("--force", action="store_true", help="override: run even if the budget "
+                   "would be exceeded, and write into an --out that holds files")
     p.add_argument("--plot-series", type=int, help="series drawn in trajectories.png")
     p.add_argument("--compare", nargs="+", metavar="EVAL_DIR",
                    help="only draw a comparison of finished evaluations (their metrics.json)")
@@ -270,15 +272,6 @@ def auto_batch_size(model, device: torch.device, samples: int, positions: int,
     return max(1, int((0.7 * free - 2**30) // per_series))
 
 
-def batch_flops(model, prompts, targets, new_tokens: int, samples: int, top_p: float,
-                sample_tokens: int | None) -> int:
-    """Closed-form FLOPs of one batch (flops.evaluation_flops), at the padded prompt length."""
-    return flops.evaluation_flops(model.cfg, len(prompts), max(len(p) for p in prompts),
-                                  new_tokens, [len(t) for t in targets], samples=samples,
-                                  top_p=top_p, sample_tokens=sample_tokens,
-                                  **lora_settings(model))
-
-
 def text_of(tokenizer, row: list[int]) -> str:
     """A generated row as text; the end-of-sequence filler of finished rows is dropped."""
     return tokenizer.decode([t for t in row if t != data.PAD_ID])
@@ -288,7 +281,6 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
     """Every series through the model, batch by batch, each batch's FLOPs on the ledger.
     → (values (N, S, steps, 2) original units, NaN where a step failed, texts, teacher-forced
     CE per series, generation CE per series or None when sampling, counted FLOPs)."""
-    S = max(args.samples, 1)
     grammar = LLMTimeGrammar.from_tokenizer(tokenizer, scaler.decimals)
     new_tokens = grammar.max_new_tokens(args.forecast_steps)  # the longest n_steps can take
     size = args.batch_size
@@ -296,11 +288,21 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
         positions = max(map(len, prompts)) + max(new_tokens, max(map(len, targets)))
         size = auto_batch_size(model, device, args.samples, positions, new_tokens)
     batches = [slice(b, min(b + size, len(prompts))) for b in range(0, len(prompts), size)]
-    # under the grammar, sampling draws from its tokens only (qwen_min.generate)
-    sample_tokens = None if args.unconstrained else len(grammar.token_ids)
-    planned = sum(batch_flops(model, prompts[sl], targets[sl], new_tokens, args.samples,
-                              args.top_p, sample_tokens) for sl in batches)
-    ledger.check_budget(args.ledger, planned, args.flops_budget, args.force)
+    # the price the plan also counts (flops.evaluation_price), held while the batches run
+    planned = flops.evaluation_price(
+        model.cfg, list(map(len, prompts)), list(map(len, targets)), args.forecast_steps,
+        scaler.decimals, size, **lora_settings(model), samples=args.samples, top_p=args.top_p,
+        constrained=not args.unconstrained)
+    with ledger.reserve(args.ledger, planned, args.flops_budget, args.force,
+                        name=str(out)) as booking:
+        return generate_batches(args, model, tokenizer, scaler, grammar, prompts, targets,
+                                batches, new_tokens, device, dtype, out, booking)
+
+
+def generate_batches(args, model, tokenizer, scaler, grammar, prompts, targets, batches,
+                     new_tokens: int, device, dtype, out, booking: ledger.Reservation):
+    """forecast_with_model's batches in turn, each one's counted FLOPs a charge on `booking`."""
+    S = max(args.samples, 1)
     values = np.full((len(prompts), S, args.forecast_steps, 2), np.nan)
     texts, tf_ce, gen_ce, total = [], [], [], 0
     for sl in tqdm(batches, desc=f"eval {args.split}", unit="batch", dynamic_ncols=True):
@@ -328,7 +330,7 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
             values[sl.start + r // S, r % S] = scaler.decode(text, n_steps=args.forecast_steps)[0]
             texts.append(text)
         total += counter.total
-        ledger.append_ledger(args.ledger, {
+        booking.append({
             "kind": "eval", "name": str(out), "flops": counter.total, "split": args.split,
             "series": [sl.start, sl.stop], "prompt_len": T, "new_tokens": tokens.shape[1],
             "target_lens": [len(t) for t in targets[sl]], "samples": args.samples,
@@ -518,6 +520,22 @@ def decoding(args: argparse.Namespace) -> str:
     return f"{how}, {args.samples} samples" if args.samples else f"{how}, greedy"
 
 
+def prepare_out(out: Path, force: bool) -> str | None:
+    """Create --out before any compute, so that nothing is charged for results that cannot be
+    written: it must be writable, and empty unless --force. A one-line problem, or None."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        return (f"--out {out}: cannot write there ({e.strerror or e}); choose a folder you can "
+                "write to")
+    if not force and any(out.iterdir()):
+        return (f"--out {out} already holds files (an earlier evaluation?); choose another "
+                "--out, or pass --force to write over them")
+    return None
+
+
 def fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
@@ -531,7 +549,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if args.compare:
         return compare(args.compare, out)
-    if problem := check_args(args):
+    if problem := check_args(args) or prepare_out(out, args.force):
         return fail(problem)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -613,7 +631,6 @@ def main(argv=None) -> int:
         "flops": counted,
         "provenance": provenance(),
     }
-    out.mkdir(parents=True, exist_ok=True)
     write_outputs(out, metrics, indices, values, truths, texts, tf_ce, gen_ce)
     title = (f"baseline: {args.baseline}" if args.baseline else
              f"{args.model}" + (f" + {args.adapter}" if args.adapter else " (no adapter)"))
