@@ -34,7 +34,7 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 # the n-th ledger append (before the state.pt that follows it).
 PLANTED = """
 import os, signal, sys, tempfile
-import flops, train
+import ledger, train
 where, n = sys.argv[1], int(sys.argv[2])
 calls = 0
 

@@ -228,18 +228,19 @@ def test_plan_equals_running_it():
     cfg = CONFIGS["gqa"]
     plan = flops.Plan(
         runs=(flops.Run("a", steps=2, seq_len=8, rank=2, batch=3, evaluations=2),),
-        evaluation=flops.Evaluation(series=5, prompt_len=6, new_tokens=3),
+        # at 0 decimals one step is at most "999,999;": 8 tokens generated
+        evaluation=flops.Evaluation(series=5, prompt_len=6, forecast_steps=1, decimals=0),
     )
     model = build(cfg, 2, flops.DEFAULT_TARGETS)
     x = ids(cfg, 3, 8)
     forward = sum(counted(model.loss, x, x).values())
     with count_flops() as c:
-        generate(model, ids(cfg, 1, 6), 3)
+        generate(model, ids(cfg, 1, 6), 8)
     result = flops.plan_flops(plan, cfg, budget=1e9)
     assert result["train_flops"] == 2 * 3 * forward
     # an evaluation is the generation plus the teacher-forced pass and both cross-entropies
     # (evaluate.py's ledger equals evaluation_flops: tests/test_evaluate.py)
-    evaluation = flops.evaluation_flops(cfg, 1, 6, 3, [99], 2, flops.DEFAULT_TARGETS)
+    evaluation = flops.evaluation_flops(cfg, 1, 6, 8, [99], 2, flops.DEFAULT_TARGETS)
     assert evaluation > c.total
     assert result["eval_flops"] == 2 * 5 * evaluation
     assert result["total"] == 6 * forward + 10 * evaluation
