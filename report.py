@@ -548,10 +548,11 @@ def section_flops(page: Page, runs: Runs, final: Path | None) -> None:
     if runs.ledger is None:
         page.missing(f"the FLOP ledger ({runs.root}/ledger.jsonl)")
         return
-    try:
-        records = ledger.read_ledger(runs.ledger)
+    try:  # the charges; reservations of runs in flight are not spent FLOPs
+        every = ledger.read_ledger(runs.ledger, reservations=True)
     except ledger.LedgerError as e:
         raise ReportError(str(e)) from None
+    records = ledger.charges(every)
     rows = [[x["kind"], x["name"], fmt(x["flops"]),
              "–".join(map(str, x["steps"])) if "steps" in x else "", x.get("timestamp", "")]
             for x in records]
@@ -562,6 +563,8 @@ def section_flops(page: Page, runs: Runs, final: Path | None) -> None:
     page.text(f"Counted in the ledger: {fmt(used)} FLOPs in {len(records)} records = "
               f"{100 * used / ledger.BUDGET:.4g}% of the {ledger.BUDGET:.0e} budget "
               f"(source: {runs.ledger}).")
+    if reserved := sum(ledger.held(every).values()):
+        page.text(f"Reserved by runs in flight, not counted above: {fmt(reserved)} FLOPs.")
 
 
 def build(root: Path, out: Path) -> tuple[str, str]:
