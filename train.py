@@ -7,9 +7,11 @@
 A run folder holds everything evaluation needs: `adapter/` (PEFT format plus qwen_min.json
 with the data's α, decimals, this training config and the step), `state.pt` (the resumable
 state: LoRA tensors, Adam, RNG, step, early-stopping progress; loads with weights_only=True),
-`config.json` (the flags, and why the run stopped), `metrics.jsonl` and `loss.png`. Each
-checkpoint first appends the counted FLOPs of the steps since the last one (3 × the forward
-pass, from the model's own hooks) to the ledger, so a killed run's FLOPs stay counted.
+`config.json` (the flags, and why the run stopped), `metrics.jsonl` and `loss.png`. Before its
+first step a run reserves its planned FLOPs on the ledger (ledger.reserve: refused, exit 3,
+when they would overrun the budget beside what runs in flight hold). Each checkpoint first
+appends the counted FLOPs of the steps since the last one (3 × the forward pass, from the
+model's own hooks) to the ledger, so a killed run's FLOPs stay counted.
 """
 
 from __future__ import annotations
