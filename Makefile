@@ -51,11 +51,11 @@ eval:
 		--out $(EVAL_OUT) $(ARGS)
 
 # every baseline on the val and test splits (no language model, 0 FLOPs): runs/baselines/SPLIT/
-# NAME, and runs/baselines/SPLIT/compare.md beside them
+# NAME, and runs/baselines/SPLIT/compare.md beside them; a second make baselines writes over them
 baselines:
 	for split in val test; do \
 		for name in $$($(PY) -c "import baselines; print(*baselines.NAMES)"); do \
-			$(PY) evaluate.py --baseline $$name --data $(DATA) --split $$split \
+			$(PY) evaluate.py --baseline $$name --data $(DATA) --split $$split --force \
 				--out runs/baselines/$$split/$$name $(ARGS) >/dev/null || exit 1; \
 		done; \
 		$(PY) evaluate.py --compare $$(ls -d runs/baselines/$$split/*/) \

@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ from tqdm import tqdm
 import baselines
 import data
 import flops
+import ledger
 from lora import AdapterError, base_model_mismatch, load_adapter
 from metrics import (
     BOOTSTRAP_RESAMPLES,
@@ -108,7 +110,7 @@ DEFAULTS = dict(
     compile="auto",  # auto: on for CUDA (decoding steps as CUDA graphs), off elsewhere
     out="runs/eval",
     ledger="runs/ledger.jsonl",
-    flops_budget=flops.BUDGET,
+    flops_budget=ledger.BUDGET,
     plot_series=4,
     bootstrap=BOOTSTRAP_RESAMPLES,
 )
@@ -150,8 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder")
     p.add_argument("--ledger", help="JSONL FLOP ledger")
     p.add_argument("--flops-budget", type=float)
-    p.add_argument("--force", action="store_true", help="run anyway: past the FLOP budget, or "
-                   "with an adapter trained on another base model (a warning says so)")
+    p.add_argument("--force", action="store_true", help="override: run past the FLOP "
+                   "budget, write into an --out that holds files, or evaluate an adapter "
+                   "trained on another base model (a warning says so)")
     p.add_argument("--plot-series", type=int, help="series drawn in trajectories.png")
     p.add_argument("--bootstrap", type=int, metavar="N",
                    help="resamples of the series for each metric's 95%% interval (0: none)")
@@ -368,15 +371,6 @@ def series_seeds(seed: int, positions: range) -> torch.Tensor:
                         dtype=torch.int64)  # 63 bits: a non-negative int64
 
 
-def batch_flops(model, prompts, targets, new_tokens: int, samples: int, top_p: float,
-                sample_tokens: int | None, grammar_tokens: int) -> int:
-    """Closed-form FLOPs of one batch (flops.evaluation_flops), at the padded prompt length."""
-    return flops.evaluation_flops(model.cfg, len(prompts), max(len(p) for p in prompts),
-                                  new_tokens, [len(t) for t in targets], samples=samples,
-                                  top_p=top_p, sample_tokens=sample_tokens,
-                                  grammar_tokens=grammar_tokens, **lora_settings(model))
-
-
 def text_of(tokenizer, row: list[int]) -> str:
     """A generated row as text; the end-of-sequence filler of finished rows is dropped."""
     return tokenizer.decode([t for t in row if t != data.PAD_ID])
@@ -387,7 +381,6 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
     → (values (N, S, steps, 2) original units, NaN where a step failed, texts, teacher-forced
     CE per series, generation CE per series or None when sampling, the target's nats per
     series under the grammar (teacher_forced), counted FLOPs)."""
-    S = max(args.samples, 1)
     grammar = LLMTimeGrammar.from_tokenizer(tokenizer, scaler.decimals)
     new_tokens = grammar.max_new_tokens(args.forecast_steps)  # the longest n_steps can take
     size = args.batch_size
@@ -396,12 +389,21 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
         positions = prompt_len + max(new_tokens, max(map(len, targets)))
         size = auto_batch_size(model, device, args.samples, prompt_len, positions, new_tokens)
     batches = [slice(b, min(b + size, len(prompts))) for b in range(0, len(prompts), size)]
-    # under the grammar, sampling draws from its tokens only (qwen_min.generate)
-    sample_tokens = None if args.unconstrained else len(grammar.token_ids)
-    planned = sum(batch_flops(model, prompts[sl], targets[sl], new_tokens, args.samples,
-                              args.top_p, sample_tokens, len(grammar.token_ids))
-                  for sl in batches)
-    flops.check_budget(args.ledger, planned, args.flops_budget, args.force)
+    # the price the plan also counts (flops.evaluation_price), held while the batches run
+    planned = flops.evaluation_price(
+        model.cfg, list(map(len, prompts)), list(map(len, targets)), args.forecast_steps,
+        scaler.decimals, size, **lora_settings(model), samples=args.samples, top_p=args.top_p,
+        constrained=not args.unconstrained)
+    with ledger.reserve(args.ledger, planned, args.flops_budget, args.force,
+                        name=str(out)) as booking:
+        return generate_batches(args, model, tokenizer, scaler, grammar, prompts, targets,
+                                batches, new_tokens, device, dtype, out, booking)
+
+
+def generate_batches(args, model, tokenizer, scaler, grammar, prompts, targets, batches,
+                     new_tokens: int, device, dtype, out, booking: ledger.Reservation):
+    """forecast_with_model's batches in turn, each one's counted FLOPs a charge on `booking`."""
+    S = max(args.samples, 1)
     values = np.full((len(prompts), S, args.forecast_steps, 2), np.nan)
     texts, tf_ce, gen_ce, nats, total = [], [], [], [], 0
     tables = grammar.tables(model.cfg.vocab_size, device)
@@ -441,7 +443,7 @@ def forecast_with_model(args, model, tokenizer, scaler, prompts, targets, device
             values[sl.start + r // S, r % S] = scaler.decode(text, n_steps=args.forecast_steps)[0]
             texts.append(text)
         total += counter.total
-        flops.append_ledger(args.ledger, {
+        booking.append({
             "kind": "eval", "name": str(out), "flops": counter.total, "split": args.split,
             "series": [sl.start, sl.stop], "prompt_len": T, "new_tokens": tokens.shape[1],
             "target_lens": [len(t) for t in targets[sl]], "samples": args.samples,
@@ -458,7 +460,7 @@ def forecast_with_baseline(args, series, time, context_steps: int, out):
                              time=time[: context_steps + args.forecast_steps])
     values = np.where(np.isfinite(res.forecasts), res.forecasts, np.nan)[:, None]
     errors = backtest_errors(args, series, time, context_steps)
-    flops.append_ledger(args.ledger, {"kind": "baseline", "name": str(out), "flops": 0,
+    ledger.append_ledger(args.ledger, {"kind": "baseline", "name": str(out), "flops": 0,
                                       "baseline": args.baseline, "split": args.split,
                                       "series": [0, len(series)]})
     info = {k: summarize(v) for k, v in res.info.items() if np.shape(v) == (len(series),)}
@@ -662,6 +664,22 @@ def decoding(args: argparse.Namespace) -> str:
     return f"{how}, {args.samples} samples" if args.samples else f"{how}, greedy"
 
 
+def prepare_out(out: Path, force: bool) -> str | None:
+    """Create --out before any compute, so that nothing is charged for results that cannot be
+    written: it must be writable, and empty unless --force. A one-line problem, or None."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        return (f"--out {out}: cannot write there ({e.strerror or e}); choose a folder you can "
+                "write to")
+    if not force and any(out.iterdir()):
+        return (f"--out {out} already holds files (an earlier evaluation?); choose another "
+                "--out, or pass --force to write over them")
+    return None
+
+
 def fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
@@ -676,7 +694,7 @@ def main(argv=None) -> int:
         if args.compare:
             return compare(args.compare, Path(args.out), args.bootstrap)
         return run_evaluation(args)
-    except (flops.LedgerError, data.DataError) as e:
+    except (ledger.LedgerError, data.DataError) as e:
         return fail(str(e))
     except OSError as e:  # a full disk: outputs are written atomically, none is left half
         return fail(os_error_line(e))
@@ -689,7 +707,7 @@ def main(argv=None) -> int:
 
 def run_evaluation(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if problem := check_args(args):
+    if problem := check_args(args) or prepare_out(out, args.force):
         return fail(problem)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -750,7 +768,7 @@ def run_evaluation(args: argparse.Namespace) -> int:
         try:
             values, texts, tf_ce, gen_ce, nats, counted = forecast_with_model(
                 args, model, tokenizer, scaler, prompts, targets, device, dtype, out)
-        except flops.BudgetError as e:
+        except ledger.BudgetError as e:
             return fail(str(e), code=3)
 
     scores, totals = score(values, truths, series[:, context_steps - 1], scaler.alpha,
@@ -779,7 +797,6 @@ def run_evaluation(args: argparse.Namespace) -> int:
         "flops": counted,
         "provenance": provenance(),
     }
-    out.mkdir(parents=True, exist_ok=True)
     title = (f"baseline: {args.baseline}" if args.baseline else
              f"{args.model}" + (f" + {args.adapter}" if args.adapter else " (no adapter)"))
     rows = list(range(min(args.plot_series, len(series))))

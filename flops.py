@@ -1,4 +1,5 @@
-"""FLOP accounting for qwen-min: the closed form, the experiment plan, the ledger, the budget.
+"""FLOP accounting for qwen-min: the closed form and the experiment plan (the ledger and the
+budget check: ledger.py).
 
     python flops.py                      # breakdown, FLOPs per training step, the plan vs 1e17
     python flops.py --ledger runs/ledger.jsonl   # what the runs so far have used
@@ -44,18 +45,15 @@ Conventions (the coursework's rules; costs: add/sub/negate/multiply/divide 1, ex
 from __future__ import annotations
 
 import argparse
-import errno
-import fcntl
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
-from pathlib import Path
 
+import ledger
+from ledger import BUDGET
+from qwen_min.grammar import LLMTimeGrammar
 from qwen_min.model import Qwen2Config
 
-BUDGET = 1e17
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 GQA_CONVENTIONS = ("real", "mha")
@@ -321,19 +319,61 @@ def evaluation_flops(
     return total
 
 
+def evaluation_price(
+    cfg: Qwen2Config,
+    prompt_lens: Sequence[int],
+    target_lens: Sequence[int],
+    forecast_steps: int,
+    decimals: int,
+    batch_size: int,
+    lora_rank: int = 0,
+    lora_targets: tuple[str, ...] | list[str] = DEFAULT_TARGETS,
+    gqa: str = "real",
+    samples: int = 0,
+    top_p: float = 1.0,
+    constrained: bool = True,
+) -> int:
+    """What an evaluate.py run costs at most: the one price that evaluate.py reserves before
+    it starts and that the plan counts per evaluation. The series (prompt and target lengths
+    in tokens) go in batches of `batch_size` in order, each batch left-padded to its longest
+    prompt (`evaluation_flops`), generating the grammar's longest `forecast_steps`-step
+    forecast (`LLMTimeGrammar.max_new_tokens`, the length evaluate.py asks for; generation
+    ends sooner once every row has its steps, so the ledger then records less). Sampling draws
+    from the grammar's tokens, or from the whole vocabulary when not `constrained`."""
+    grammar = LLMTimeGrammar(decimals)
+    new_tokens = grammar.max_new_tokens(forecast_steps)
+    sample_tokens = len(grammar.token_ids) if constrained else None
+    price: dict[tuple, int] = {}  # the plan's series are all alike: each shape priced once
+    total = 0
+    for b in range(0, len(prompt_lens), batch_size):
+        shape = (max(prompt_lens[b : b + batch_size]), tuple(target_lens[b : b + batch_size]))
+        if shape not in price:
+            price[shape] = evaluation_flops(cfg, len(shape[1]), shape[0], new_tokens,
+                                            list(shape[1]), lora_rank, lora_targets, gqa,
+                                            samples, top_p, sample_tokens,
+                                            grammar_tokens=len(grammar.token_ids))
+        total += price[shape]
+    return total
+
+
 @dataclass(frozen=True)
 class Evaluation:
-    """One evaluation: every series generated with the KV cache (batching does not change it).
-    LLMTIME at 2 decimals: 70 context steps of 10 tokens (the last ';' included), 10 forecast
-    steps of 10 tokens when every value is < 10 (each step ends in ';'), targets without the
-    final ';'."""
+    """One evaluation of a plan, priced by `evaluation_price`. LLMTIME at 2 decimals: 70
+    context steps of 10 tokens (the last ';' included) when every value is < 10, 10 forecast
+    steps, targets of 10 tokens a step without the final ';'."""
 
     series: int = 150
     prompt_len: int = 700
-    new_tokens: int = 100
+    forecast_steps: int = 10
     target_len: int = 99
+    decimals: int = 2
     samples: int = 0
     top_p: float = 1.0
+
+    @property
+    def new_tokens(self) -> int:
+        """The tokens generated per series at most: the grammar's longest forecast."""
+        return LLMTimeGrammar(self.decimals).max_new_tokens(self.forecast_steps)
 
 
 @dataclass(frozen=True)
@@ -394,9 +434,10 @@ def plan_flops(
             else 0
         )
         if run.rank not in per_eval:
-            per_eval[run.rank] = ev.series * evaluation_flops(
-                cfg, 1, ev.prompt_len, ev.new_tokens, [ev.target_len], run.rank, lora_targets,
-                gqa, ev.samples, ev.top_p
+            per_eval[run.rank] = evaluation_price(
+                cfg, [ev.prompt_len] * ev.series, [ev.target_len] * ev.series,
+                ev.forecast_steps, ev.decimals, ev.series, run.rank, lora_targets, gqa,
+                ev.samples, ev.top_p
             )
         evaluation = run.evaluations * per_eval[run.rank]
         runs.append(asdict(run) | {"train_flops": train, "eval_flops": evaluation})
@@ -406,7 +447,7 @@ def plan_flops(
     return {
         "gqa": gqa,
         "runs": runs,
-        "evaluation": asdict(ev),
+        "evaluation": asdict(ev) | {"new_tokens": ev.new_tokens},
         "train_flops": train_total,
         "eval_flops": eval_total,
         "total": total,
@@ -483,114 +524,10 @@ def fit_plan(
     return plan, changes
 
 
-# ----------------------------------------------------------------------------- ledger
-
-
-class LedgerError(ValueError):
-    """A ledger line that is not a valid record."""
-
-
-class BudgetError(RuntimeError):
-    """A planned run would take the ledger past the FLOP budget."""
-
-
-def _check_record(record: object, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise LedgerError(
-            f"{where}: expected a JSON object (a record), got {type(record).__name__}"
-        )
-    for key in ("kind", "name"):
-        if not isinstance(record.get(key), str):
-            raise LedgerError(f"{where}: field {key!r} must be a string, got {record.get(key)!r}")
-    n = record.get("flops")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise LedgerError(
-            f"{where}: field 'flops' must be a non-negative integer (counted FLOPs), got {n!r}"
-        )
-    return record
-
-
-def append_ledger(path: str | Path, record: dict) -> None:
-    """Append one record {kind, name, flops, ...} (+ timestamp, UTC) as one JSON line.
-
-    Safe with several writers (two terminals, a sweep on two GPUs): each append holds an
-    exclusive flock on `<ledger>.lock` beside the ledger, writes the line with one O_APPEND
-    write and fsyncs it before letting go, so no record is lost or interleaved and a record
-    that returned is on disk. The lock is a separate file because the ledger itself is only
-    ever appended to, never replaced."""
-    record = _check_record(dict(record), f"ledger record for {path}")
-    record.setdefault("timestamp", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    line = (json.dumps(record) + "\n").encode()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the lock file is closed
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        size = os.fstat(fd).st_size
-        try:
-            if _ends_without_newline(fd):  # a line someone wrote by hand without one
-                line = b"\n" + line
-            if os.write(fd, line) != len(line):
-                raise OSError(errno.ENOSPC, "No space left on device (a short write)")
-            os.fsync(fd)
-        except OSError as e:  # a full disk: cut the half record, the ledger stays readable
-            os.ftruncate(fd, size)
-            raise OSError(e.errno, e.strerror, str(path)) from None
-        finally:
-            os.close(fd)
-
-
-def _ends_without_newline(fd: int) -> bool:
-    size = os.fstat(fd).st_size
-    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
-
-
-def read_ledger(path: str | Path) -> list[dict]:
-    """All records of a ledger ([] if it does not exist yet)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}, line {i}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LedgerError(
-                f"{where}: not valid JSON ({e.msg}, column {e.colno}); each line must be one "
-                'record like {"kind": "train", "name": ..., "flops": ..., "timestamp": ...}. '
-                "Repair or delete that line; the other lines are kept as they are."
-            ) from None
-        records.append(_check_record(record, where))
-    return records
-
-
-def ledger_total(path: str | Path) -> int:
-    """FLOPs recorded so far (0 if the ledger does not exist yet)."""
-    return sum(r["flops"] for r in read_ledger(path))
-
-
-def check_budget(
-    ledger_path: str | Path, planned: int, budget: float = BUDGET, force: bool = False
-) -> None:
-    """Raise BudgetError if the ledger's total plus `planned` exceeds `budget` (unless force)."""
-    used = ledger_total(ledger_path)
-    if force or used + planned <= budget:
-        return
-    raise BudgetError(
-        f"this run plans {planned:.3e} FLOPs, but {ledger_path} already records {used:.3e} "
-        f"of the {budget:.3e} budget ({max(budget - used, 0):.3e} left): it would overrun by "
-        f"{used + planned - budget:.3e}. Plan fewer steps or a shorter context, or pass --force "
-        "to run anyway."
-    )
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
-def report(batch: int, seq_len: int, lora_rank: int, ledger: str | None) -> dict:
+def report(batch: int, seq_len: int, lora_rank: int, ledger_path: str | None) -> dict:
     cfg = Qwen2Config()
     lora = dict(lora_rank=lora_rank, lora_targets=DEFAULT_TARGETS)
     forward = {
@@ -619,19 +556,22 @@ def report(batch: int, seq_len: int, lora_rank: int, ledger: str | None) -> dict
     fitted, changes = fit_plan(DEFAULT_PLAN, cfg)
     out["fitted_plan"] = {g: plan_flops(fitted, cfg, g) for g in GQA_CONVENTIONS}
     out["fit_changes"] = changes
-    if ledger is not None:
-        records = read_ledger(ledger)
-        used = sum(r["flops"] for r in records)
+    if ledger_path is not None:
+        records = ledger.read_ledger(ledger_path, reservations=True)
+        charges = ledger.charges(records)
+        used = sum(r["flops"] for r in charges)
         by_kind: dict[str, int] = {}
-        for r in records:
+        for r in charges:
             by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + r["flops"]
+        reserved = sum(ledger.held(records).values())  # runs in flight: not spent yet
         out["ledger"] = {
-            "path": ledger,
-            "records": len(records),
+            "path": ledger_path,
+            "records": len(charges),
             "by_kind": by_kind,
             "used": used,
+            "reserved": reserved,
             "budget": BUDGET,
-            "left": BUDGET - used,
+            "left": BUDGET - used - reserved,
             "share": used / BUDGET,
         }
     return out
@@ -704,9 +644,10 @@ def print_report(r: dict) -> None:
     print("\n".join("  " + line for line in r["fit_changes"]))
     if "ledger" in r:
         lg = r["ledger"]
+        held = f", {lg['reserved']:.4e} reserved by runs in flight" if lg["reserved"] else ""
         print(
             f"\nLedger {lg['path']}: {lg['records']} records, {lg['used']:.4e} FLOPs used = "
-            f"{100 * lg['share']:.2f}% of {lg['budget']:.0e}; {lg['left']:.4e} left"
+            f"{100 * lg['share']:.2f}% of {lg['budget']:.0e}{held}; {lg['left']:.4e} left"
         )
         for kind, n in lg["by_kind"].items():
             print(f"  {kind:<10}{n:>14.4e}")

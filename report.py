@@ -40,6 +40,7 @@ import numpy as np
 
 import data
 import flops
+import ledger
 import metrics
 from qwen_min import CheckpointError, runtime
 from qwen_min.loading import DEFAULT_MODEL, ConfigError, load_config
@@ -685,10 +686,11 @@ def section_flops(page: Page, runs: Runs, final: Path | None) -> None:
     if runs.ledger is None:
         page.missing(f"the FLOP ledger ({runs.root}/ledger.jsonl)")
         return
-    try:
-        records = flops.read_ledger(runs.ledger)
-    except flops.LedgerError as e:
+    try:  # the charges; reservations of runs in flight are not spent FLOPs
+        every = ledger.read_ledger(runs.ledger, reservations=True)
+    except ledger.LedgerError as e:
         raise ReportError(str(e)) from None
+    records = ledger.charges(every)
     rows = [[x["kind"], x["name"], fmt(x["flops"]),
              "–".join(map(str, x["steps"])) if "steps" in x else "", x.get("timestamp", "")]
             for x in records]
@@ -699,6 +701,8 @@ def section_flops(page: Page, runs: Runs, final: Path | None) -> None:
     page.text(f"Counted in the ledger: {fmt(used)} FLOPs in {len(records)} records = "
               f"{100 * used / plan['budget']:.4g}% of the {plan['budget']:.3g} budget "
               f"(source: {runs.ledger}).")
+    if reserved := sum(ledger.held(every).values()):
+        page.text(f"Reserved by runs in flight, not counted above: {fmt(reserved)} FLOPs.")
 
 
 def build(root: Path, out: Path) -> tuple[str, str]:

@@ -22,9 +22,10 @@ is started again, and a killed run resumes, so an interrupted sweep completes as
 been. Writes summary.md, summary.csv and grid_heatmap.png.
 
 `--devices cuda:0,cuda:1` runs a stage's independent runs (the grid's, the context study's) at
-once, one per device; each stage still waits for all its runs before choosing its best, and the
-runs share the ledger (its appends are locked). Without it, runs go one at a time on train.py's
-default device.
+once, one per device; each stage still waits for all its runs before choosing its best. The
+runs share the ledger: each holds a reservation on it for its whole price while it runs
+(sweep.Admission), so together they never overrun the budget. Without it, runs go one at a time
+on train.py's default device.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ import contextlib
 import csv
 import io
 import json
+import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
@@ -46,6 +49,7 @@ import torch
 
 import data
 import flops
+import ledger
 from metrics import best, rank_score  # one ranking for the sweep and report.py
 from qwen_min import CheckpointError
 from qwen_min.loading import DEFAULT_MODEL, ConfigError, load_config, resolve_checkpoint
@@ -145,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=number(int, 1), help="validation series per run")
     p.add_argument("--forecast-steps", type=number(int, 1), default=10)
     p.add_argument("--eval-batch-size", type=batch_size, help="evaluate.py's --batch-size")
-    p.add_argument("--flops-budget", type=number(float, 0, strict=True), default=flops.BUDGET)
+    p.add_argument("--flops-budget", type=number(float, 0, strict=True), default=ledger.BUDGET)
     p.add_argument("--early-stop", type=number(int, 1),
                    help="train.py --early-stop N for every run (give --eval-every in --extra)")
     p.add_argument("--tensorboard", action="store_true",
@@ -162,15 +166,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def evaluation_size(args: argparse.Namespace) -> flops.Evaluation:
     """One evaluation as evaluate.py will run it on --data: the validation series (or
-    --eval-limit), prompts of 70% of a series' steps and --forecast-steps steps generated, at
-    evaluate.py's allowance of 10 tokens a step (two 1-digit numbers with 2 decimals, ',', ';')."""
+    --eval-limit), prompts of 70% of a series' steps at 10 tokens a step (two 1-digit numbers
+    with 2 decimals, ',', ';'), and --forecast-steps steps generated, priced at the grammar's
+    longest forecast as evaluate.py reserves it (flops.evaluation_price)."""
     trajectories, _ = data.load_trajectories(args.data)
     n_val = len(data.split_indices(len(trajectories))["val"])
-    tokens_per_step = 2 * (2 + 2) + 2
     context_steps = round(0.7 * trajectories.shape[1])
     return flops.Evaluation(series=min(n_val, args.eval_limit or n_val),
-                            prompt_len=context_steps * tokens_per_step,
-                            new_tokens=args.forecast_steps * tokens_per_step)
+                            prompt_len=context_steps * (2 * (2 + 2) + 2),
+                            forecast_steps=args.forecast_steps)
 
 
 def stage_steps(plan: flops.Plan, stage: str) -> int:
@@ -194,10 +198,12 @@ def choose_plan(args: argparse.Namespace, cfg: Qwen2Config, evaluation: flops.Ev
 # ----------------------------------------------------------------------------- the runs
 
 
-def run(cmd: list[str]) -> int:
-    """Run train.py or evaluate.py (found beside this file) in a child process."""
+def run(cmd: list[str], reservation: str | None = None) -> int:
+    """Run train.py or evaluate.py (found beside this file) in a child process; with a
+    reservation id, the child's FLOPs draw on that reservation (ledger.PARENT_ENV)."""
     print("$ " + " ".join(cmd), flush=True)
-    return subprocess.call([sys.executable, str(HERE / cmd[0]), *cmd[1:]])
+    env = os.environ | {ledger.PARENT_ENV: reservation} if reservation else None
+    return subprocess.call([sys.executable, str(HERE / cmd[0]), *cmd[1:]], env=env)
 
 
 def device_flag(device: str | None) -> list[str]:
@@ -234,16 +240,21 @@ def eval_command(args: argparse.Namespace, run_dir: Path, device: str | None = N
 
 
 def train_and_eval(args: argparse.Namespace, name: str, rank: int, lr: float, context: int,
-                   steps: int, device: str | None = None) -> dict | None:
-    """One experiment on `device` (None: the scripts' default); returns its validation
-    metrics, or None when the budget refused it."""
+                   steps: int, device: str | None = None, reservation: str | None = None
+                   ) -> dict | None:
+    """One experiment on `device` (None: the scripts' default), its FLOPs drawing on
+    `reservation` when given; returns its validation metrics, or None when the budget
+    refused it."""
     run_dir = Path(args.out) / name
     metrics_path = run_dir / "eval" / "metrics.json"
     if not metrics_path.exists():
         train = train_command(args, run_dir, rank, lr, context, steps, device)
+        # without metrics.json, what eval/ holds is left by a killed evaluation: evaluate.py
+        # writes only into an empty --out
+        shutil.rmtree(run_dir / "eval", ignore_errors=True)
         for script, cmd in (("train.py", train),
                             ("evaluate.py", eval_command(args, run_dir, device))):
-            code = run(cmd)
+            code = run(cmd, reservation)
             if code == INTERRUPTED:  # Ctrl-C reaches the child too: it saved what it could
                 raise KeyboardInterrupt
             if code == BUDGET_EXIT:
@@ -258,46 +269,61 @@ def train_and_eval(args: argparse.Namespace, name: str, rank: int, lr: float, co
 
 
 class Admission:
-    """Keeps concurrent runs inside the budget together. Each train.py/evaluate.py checks the
-    ledger alone, blind to what the runs beside it will still record, so two runs could each
-    fit and overrun together. A run therefore starts beside others only when the ledger plus
-    the planned FLOPs of the runs in flight plus its own fit the budget; otherwise it waits for
-    one to end. A run with none in flight starts at once and its scripts decide exactly as in a
-    sequential sweep. (What the runs in flight have already recorded counts twice: that only
-    delays a run, it never refuses one.)"""
+    """Keeps concurrent runs inside the budget together, through the ledger's reservations.
+    Before a run starts, the sweep reserves its whole price (training and evaluation, as
+    flops.plan_flops prices them) on the ledger, and its train.py and evaluate.py draw on that
+    reservation, so no run beside it, in this sweep or another process, can take the room its
+    evaluation still needs. A run whose price does not fit waits for one in flight to end; with
+    none in flight it starts without a reservation, and its scripts decide alone, exactly as
+    in a sequential sweep."""
 
     def __init__(self, args: argparse.Namespace, cfg: Qwen2Config, evaluation: flops.Evaluation):
         self.args, self.cfg, self.evaluation = args, cfg, evaluation
-        self.in_flight: dict[str, int] = {}  # run name → its planned FLOPs
+        self.in_flight = 0  # runs started and not yet ended
         self.turn = 0  # the index, in the stage's list, of the next run to admit
         self.changed = threading.Condition()
 
-    def planned(self, name: str, rank: int, context: int, steps: int) -> int:
+    def price(self, name: str, rank: int, context: int, steps: int) -> int:
         """A run's training and evaluation as flops.plan_flops prices them (0: finished)."""
         if (Path(self.args.out) / name / "eval" / "metrics.json").exists():
             return 0
         run = flops.Run(name.split("-")[0], steps, context, rank, batch=self.args.batch_size)
         return flops.plan_flops(flops.Plan((run,), self.evaluation), self.cfg)["total"]
 
-    def fits(self, planned: int) -> bool:
-        ahead = flops.ledger_total(self.args.ledger) + sum(self.in_flight.values())
-        return ahead + planned <= self.args.flops_budget
+    def reserve(self, name: str, price: int) -> ledger.Reservation | None:
+        """The run's price reserved on the ledger; None when it does not fit now."""
+        try:
+            return ledger.reserve(self.args.ledger, price, self.args.flops_budget,
+                                  name=str(Path(self.args.out) / name), parent="")
+        except ledger.BudgetError:
+            return None
 
     @contextlib.contextmanager
-    def slot(self, index: int, name: str, planned: int):
-        """Admit run `index` of the stage: in the listed order, so the runs start (and a budget
-        refusal falls) as in a sequential sweep, whichever worker thread asks first."""
+    def slot(self, index: int, name: str, price: int):
+        """Admit run `index` of the stage, in the listed order, so the runs start (and a budget
+        refusal falls) as in a sequential sweep, whichever worker thread asks first; yields
+        its reservation (None: it runs on its scripts' own checks)."""
+        booking = None
+
+        def admitted() -> bool:
+            nonlocal booking
+            if self.turn != index:
+                return False
+            booking = self.reserve(name, price) if price else None
+            return booking is not None or not price or not self.in_flight
+
         with self.changed:
-            self.changed.wait_for(lambda: self.turn == index
-                                  and (not self.in_flight or self.fits(planned)))
-            self.in_flight[name] = planned
+            self.changed.wait_for(admitted)
+            self.in_flight += 1
             self.turn += 1
             self.changed.notify_all()
         try:
-            yield
+            yield booking
         finally:
+            if booking:
+                booking.release()
             with self.changed:
-                del self.in_flight[name]
+                self.in_flight -= 1
                 self.changed.notify_all()
 
 
@@ -317,12 +343,13 @@ def run_concurrently(args: argparse.Namespace, admission: Admission, runs: list[
 
     def one(index: int, spec: tuple) -> dict | None:
         name, rank, _, context, steps = spec
-        with admission.slot(index, name, admission.planned(name, rank, context, steps)):
+        with admission.slot(index, name, admission.price(name, rank, context, steps)) as booking:
             if stop.is_set():
                 return None
             device = free.get()  # never waits: one slot per worker thread
             try:
-                row = train_and_eval(args, *spec, device=device)
+                row = train_and_eval(args, *spec, device=device,
+                                     reservation=booking and booking.id)
             except BaseException:  # a failed run (SystemExit): start nothing more
                 stop.set()
                 raise
@@ -417,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run_sweep(args)
-    except (CheckpointError, ConfigError, data.DataError, flops.LedgerError) as e:
+    except (CheckpointError, ConfigError, data.DataError, ledger.LedgerError) as e:
         print(f"sweep.py: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk: every file is written atomically, none is left half
@@ -432,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_sweep(args: argparse.Namespace) -> int:
     cfg = load_config(resolve_checkpoint(args.model))
     evaluation = evaluation_size(args)
-    flops.ledger_total(args.ledger)  # a malformed ledger stops the sweep before its first run
+    ledger.ledger_total(args.ledger)  # a malformed ledger stops the sweep before its first run
     try:
         plan, changes = choose_plan(args, cfg, evaluation)
     except ValueError as e:  # flops.fit_plan: the plan cannot be fitted to the budget

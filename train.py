@@ -7,9 +7,11 @@
 A run folder holds everything evaluation needs: `adapter/` (PEFT format plus qwen_min.json
 with the data's α, decimals, this training config and the step), `state.pt` (the resumable
 state: LoRA tensors, Adam, RNG, step, early-stopping progress; loads with weights_only=True),
-`config.json` (the flags, and why the run stopped), `metrics.jsonl` and `loss.png`. Each
-checkpoint first appends the counted FLOPs of the steps since the last one (3 × the forward
-pass, from the model's own hooks) to the ledger, so a killed run's FLOPs stay counted.
+`config.json` (the flags, and why the run stopped), `metrics.jsonl` and `loss.png`. Before its
+first step a run reserves its planned FLOPs on the ledger (ledger.reserve: refused, exit 3,
+when they would overrun the budget beside what runs in flight hold). Each checkpoint first
+appends the counted FLOPs of the steps since the last one (3 × the forward pass, from the
+model's own hooks) to the ledger, so a killed run's FLOPs stay counted.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tqdm import tqdm
 
 import data
 import flops
+import ledger
 from lora import apply_lora, lora_parameters, save_adapter
 from qwen_min import CheckpointError, count_flops, distributed, load_model, load_tokenizer
 from qwen_min.compiled import CompiledTrainStep, use_compile_cache
@@ -71,7 +74,7 @@ DEFAULTS = dict(
     eval_windows=16,
     early_stop=0,
     checkpoint_every=100,
-    flops_budget=flops.BUDGET,
+    flops_budget=ledger.BUDGET,
     ledger="runs/ledger.jsonl",
     tensorboard=False,
     compile="auto",  # auto: on for CUDA (the whole step as CUDA graphs), off elsewhere
@@ -79,7 +82,11 @@ DEFAULTS = dict(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    """The flags; a flag left out takes its default, or with --resume the value the run's
+    config.json saved, so that `train.py --out DIR --resume` continues the run as it was."""
+    # SUPPRESS: a flag left out is absent, so that a saved value can take its place
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
     p.add_argument("--model", help="hub repo id or local checkpoint folder")
     p.add_argument("--data", help="HDF5 file with /trajectories and /time (make data)")
     p.add_argument("--rank", type=int)
@@ -113,9 +120,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", choices=["auto", "on", "off"], help="the whole step as one "
                    "compiled graph (qwen_min/compiled.py); auto: on for CUDA, off elsewhere")
     p.add_argument("--force", action="store_true", help="run even if the budget would be exceeded")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.set_defaults(**DEFAULTS)
-    args = p.parse_args(argv)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (with "
+                   "the flags its config.json saved; --steps and the bookkeeping flags may "
+                   "change)")
+    given = vars(p.parse_args(argv))
+    flags = DEFAULTS | {"force": False, "resume": False}
+    if given.get("resume"):
+        try:
+            flags |= saved_flags(Path(given.get("out") or default_out(flags | given)))
+        except RunError as e:
+            p.exit(2, f"train.py: error: {e}\n")
+    args = argparse.Namespace(**(flags | given))
     if args.alpha is None:
         args.alpha = float(args.rank)
     if args.stride is None:
@@ -123,8 +138,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if problem := flag_problem(args):
         p.exit(2, f"train.py: error: {problem}\n")
     if args.out is None:
-        args.out = f"runs/r{args.rank}-lr{args.lr:g}-ctx{args.context_length}"
+        args.out = default_out(vars(args))
     return args
+
+
+def default_out(flags: dict) -> str:
+    return f"runs/r{flags['rank']}-lr{flags['lr']:g}-ctx{flags['context_length']}"
+
+
+def saved_flags(run: Path) -> dict:
+    """The flags a run's config.json saved ({} without one: the resume then says so)."""
+    path = run / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"--resume: {path} is not valid JSON ({e}); restore it from a backup, or "
+                       "start a new run in another --out") from None
+    if not isinstance(saved, dict):
+        raise RunError(f"--resume: {path} is not a train.py config.json (expected a JSON "
+                       "object); restore it, or start a new run in another --out")
+    return {k: saved[k] for k in DEFAULTS if k in saved}
 
 
 def flag_problem(args: argparse.Namespace) -> str | None:
@@ -309,6 +344,10 @@ def check_resume_config(run: Path, args, data_sha256: str) -> dict:
         raise RunError(f"--resume: --steps {args.steps} differs from the {saved.get('steps')} "
                        f"steps that {run}'s cosine schedule decays over; resume with --steps "
                        f"{saved.get('steps')}, or start a new run to train longer")
+    # a run's FLOPs stay on one ledger, whatever path names it
+    if "ledger" in saved and Path(saved["ledger"]).resolve() != Path(args.ledger).resolve():
+        raise RunError(f"--resume: --ledger {args.ledger} is not the ledger {run} records its "
+                       f"FLOPs on ({saved['ledger']}); leave --ledger out to use that one")
     free = {"steps", "resume", "force", "eval_every", "checkpoint_every", "device", "ledger",
             "flops_budget", "tensorboard", "out", "compile"}  # a moved or copied run folder resumes
     if args.early_stop:  # evaluations decide when it stops
@@ -406,15 +445,17 @@ def train_step(model, optimizer, batch: dict, lr: float, device, dtype) -> tuple
 
 
 class RunLedger:
-    """This run's FLOPs on the shared ledger: one record per step range, naming the run.
+    """This run's FLOPs on the shared ledger: one record per step range, naming the run, each
+    taken out of the run's reservation (ledger.reserve).
 
     Each checkpoint records the steps since the previous record *before* state.pt moves on.
     A kill between the two makes --resume run those steps again and record them again (they
     did run twice); the other order would lose them from the ledger. A kill between two
     checkpoints loses at most the --checkpoint-every steps that also ran unrecorded."""
 
-    def __init__(self, args, run: Path, progress: Progress, targets: tuple[str, ...]):
-        self.path, self.recorded_step, self.pending = args.ledger, progress.step, 0
+    def __init__(self, args, run: Path, progress: Progress, targets: tuple[str, ...],
+                 booking: ledger.Reservation | None):
+        self.booking, self.recorded_step, self.pending = booking, progress.step, 0
         self.fields = {
             "kind": "train", "name": str(run), "run_id": progress.run_id,
             "batch_size": args.batch_size, "context_length": args.context_length,
@@ -427,17 +468,17 @@ class RunLedger:
     def record(self, step: int) -> None:
         if step == self.recorded_step and not self.pending:
             return
-        flops.append_ledger(self.path, self.fields | {
-            "flops": self.pending, "steps": [self.recorded_step, step]})
+        self.booking.append(self.fields | {"flops": self.pending,
+                                           "steps": [self.recorded_step, step]})
         self.recorded_step, self.pending = step, 0
 
 
-def checkpoint(run: Path, progress: Progress, ledger: RunLedger, model, optimizer, args,
+def checkpoint(run: Path, progress: Progress, books: RunLedger, model, optimizer, args,
                metadata: dict) -> None:
     """Ledger, then adapter, then state.pt: state.pt is the commit point a resume starts from,
     so whatever a kill interrupts, the ledger already holds these steps, and adapter/ is never
     older than the state (a resume rewrites it)."""
-    ledger.record(progress.step)
+    books.record(progress.step)
     if not args.early_stop:  # with early stopping, adapter/ is the best one, written when found
         save_adapter(model, run / "adapter", args.model, metadata | {"step": progress.step})
     save_state(run, progress, model, optimizer)
@@ -509,12 +550,15 @@ def main(argv: list[str] | None = None) -> int:
     world = distributed.init_from_env(pick_device(args.device))
     try:
         return run_training(args, world)
-    except (RunError, flops.LedgerError) as e:
+    except (RunError, ledger.LedgerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk: every file is written atomically, none is left half
         print(f"error: {os_error_line(e)}", file=sys.stderr)
         return 2
+    except ledger.BudgetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:  # a second Ctrl-C: the ledger has its record, state.pt is intact
         print(f"aborted; continue with  python train.py --out {args.out} --resume",
               file=sys.stderr)
@@ -547,12 +591,31 @@ def pick_step(args, model, optimizer, world: distributed.World, device, dtype):
     return CompileFallback(compiled, eager, "the compiled train step")
 
 
-def run_training(args: argparse.Namespace, world: distributed.World) -> int:
-    run = Path(args.out)
-    SummaryWriter = tensorboard_writer_class() if args.tensorboard else None
+@dataclass
+class Setup:
+    """What a session trains with, built the same way for a new run and a resumed one."""
+
+    run: Path
+    device: torch.device
+    dtype: torch.dtype
+    shard: slice  # this rank's rows of every global batch (all of them in a world of one)
+    targets: tuple[str, ...]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train: dict
+    val: dict
+    n_trainable: int
+    data_sha256: str
+    metadata: dict  # what adapter/qwen_min.json records beside the step
+    summary_writer: type | None  # --tensorboard's SummaryWriter class
+
+
+def set_up(args: argparse.Namespace, world: distributed.World) -> Setup:
+    """The model with fresh LoRA tensors (seeded), its optimizer, and the data's windows."""
+    summary_writer = tensorboard_writer_class() if args.tensorboard else None  # before any work
     device = distributed.local_device(world, pick_device(args.device))
     dtype = pick_dtype(args.dtype, device)
-    try:  # this rank's rows of every global batch (all of them in a world of one)
+    try:
         shard = distributed.shard_rows(args.batch_size, world)
     except ValueError as e:
         raise RunError(str(e)) from None
@@ -572,68 +635,87 @@ def run_training(args: argparse.Namespace, world: distributed.World) -> int:
         raise RunError(f"--targets {args.targets}: {e}") from None
     model.to(device).train()
     optimizer = torch.optim.Adam(list(lora_parameters(model).values()), lr=args.lr)
-
     data_sha256 = data.file_sha256(args.data)
-    if args.resume:  # config.json then records the flags a resume may change (--steps, ...)
-        config = check_resume_config(run, args, data_sha256) | vars(args)
-        progress = restore(read_state(run / "state.pt"), run / "state.pt", model, optimizer)
+    metadata = {"scaler": scaler.to_dict(), "train_config": vars(args),
+                "data_sha256": data_sha256, "trainable_parameters": n_trainable}
+    return Setup(Path(args.out), device, dtype, shard, targets, model, optimizer, train, val,
+                 n_trainable, data_sha256, metadata, summary_writer)
+
+
+def start_or_resume(args: argparse.Namespace, s: Setup, world: distributed.World
+                    ) -> tuple[Progress, dict]:
+    """A new run's progress, or the saved one with its tensors, Adam and RNG restored; and
+    the config.json to write (a resume records the flags it may change, --steps, ...)."""
+    run = s.run
+    if args.resume:
+        config = check_resume_config(run, args, s.data_sha256) | vars(args)
+        progress = restore(read_state(run / "state.pt"), run / "state.pt", s.model, s.optimizer)
         if world.is_main:
             truncate_metrics(run / "metrics.jsonl", progress.step)
-    else:
-        if (run / "state.pt").exists():
-            raise RunError(f"{run} already holds a run; pass --resume to continue it, or choose "
-                           "another --out")
-        progress = Progress(run_id=uuid.uuid4().hex)
-        if world.is_main:  # drop metrics left by a start killed before its first checkpoint
-            truncate_metrics(run / "metrics.jsonl", 0)
-        config = vars(args) | {"data_sha256": data_sha256, "run_id": progress.run_id,
-                               "provenance": provenance()}
-    if progress.stopped_early or progress.step >= args.steps:
-        if world.is_main:
-            write_config(run, config | {"stopped": stop_record(progress, args)})
-            print(f"{run}: already stopped at step {progress.step} "
-                  f"({stop_record(progress, args)['why']}); nothing to do")
-        return 0
+        return progress, config
+    if (run / "state.pt").exists():
+        raise RunError(f"{run} already holds a run; pass --resume to continue it, or choose "
+                       "another --out")
+    progress = Progress(run_id=uuid.uuid4().hex)
+    if world.is_main:  # drop metrics left by a start killed before its first checkpoint
+        truncate_metrics(run / "metrics.jsonl", 0)
+    return progress, vars(args) | {"data_sha256": s.data_sha256, "run_id": progress.run_id,
+                                   "provenance": provenance()}
 
-    start, B, L = progress.step, args.batch_size, args.context_length
-    planned = planned_flops(args, model.cfg, targets, start, len(val["input_ids"]))
-    try:
-        flops.check_budget(args.ledger, planned, args.flops_budget, args.force)
-    except flops.BudgetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+
+def reserve_budget(args: argparse.Namespace, s: Setup, planned: int,
+                   world: distributed.World) -> ledger.Reservation | None:
+    """Rank 0 reserves the planned FLOPs on the ledger (ledger.BudgetError when they do not
+    fit); every rank hears its answer, so all stop together. The other ranks hold None: only
+    rank 0 writes the ledger."""
+    booking = refusal = None
     if world.is_main:
-        write_config(run, config)
-    step_fn = pick_step(args, model, optimizer, world, device, dtype)
+        try:
+            booking = ledger.reserve(args.ledger, planned, args.flops_budget, args.force,
+                                     name=str(s.run))
+        except ledger.BudgetError as e:
+            refusal = e
+    if distributed.all_reduce_sum(world, int(refusal is not None)):
+        raise refusal or ledger.BudgetError("rank 0 found that this run overruns the budget")
+    return booking
 
-    metadata = {
-        "scaler": scaler.to_dict(),
-        "train_config": vars(args),
-        "data_sha256": data_sha256,
-        "trainable_parameters": n_trainable,
-    }
-    n_windows = len(train["input_ids"])
-    print(f"{run}: {n_windows} training windows of {L} tokens, LoRA r={args.rank} "
-          f"alpha={args.alpha:g} on {','.join(targets)} ({n_trainable:,} trainable), "
-          f"{device} {'bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}"
-          f"{', compiled' if isinstance(step_fn, (CompiledTrainStep, CompileFallback)) else ''}"
-          f"{f', {world.size} processes' if world.size > 1 else ''}, planned {planned:.3g} FLOPs")
-    ledger = RunLedger(args, run, progress, targets)
+
+def validate(args, s: Setup, progress: Progress, world: distributed.World
+             ) -> tuple[float, int, bool]:
+    """The validation loss after this step, its counted FLOPs, and whether it is the best so
+    far under early stopping. Rank 0 validates; the sum hands its loss to every rank (the
+    others add 0), so all ranks take the same early-stopping decision."""
+    val_loss, eval_flops = (validation_loss(s.model, s.val, args.batch_size, s.device, s.dtype)
+                            if world.is_main else (0.0, 0))
+    val_loss = distributed.all_reduce_sum(world, val_loss)
+    eval_flops = distributed.all_reduce_sum(world, eval_flops)
+    new_best = progress.validated(val_loss, progress.step) and bool(args.early_stop)
+    progress.stopped_early = bool(args.early_stop and progress.evals_since_best >= args.early_stop)
+    return val_loss, eval_flops, new_best
+
+
+def train_loop(args: argparse.Namespace, s: Setup, progress: Progress, books: RunLedger,
+               step_fn, world: distributed.World) -> int:
+    """Steps progress.step..--steps, with validation, checkpoints and the loss plot, until the
+    end, early stopping or a signal; returns the FLOPs counted in this session."""
+    B, L, run = args.batch_size, args.context_length, s.run
+    n_windows = len(s.train["input_ids"])
     # purge_step: events a killed session logged after its last checkpoint are replaced
-    writer = (SummaryWriter(str(run / "tensorboard"), purge_step=start)
-              if SummaryWriter and world.is_main else None)
-    used_before = flops.ledger_total(args.ledger)
+    writer = (s.summary_writer(str(run / "tensorboard"), purge_step=progress.step)
+              if s.summary_writer and world.is_main else None)
+    used_before = ledger.ledger_total(args.ledger)
     session_flops, t0 = 0, time.time()
     plotted = t0
     try:
         with StopFlag() as stop:
-            bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train",
-                       dynamic_ncols=True, disable=not world.is_main)
+            bar = tqdm(range(progress.step, args.steps), initial=progress.step,
+                       total=args.steps, desc="train", dynamic_ncols=True,
+                       disable=not world.is_main)
             for step in bar:
                 t_step = time.time()
-                rows = torch.from_numpy(batch_indices(step, n_windows, B, args.seed)[shard])
+                rows = torch.from_numpy(batch_indices(step, n_windows, B, args.seed)[s.shard])
                 lr = learning_rate(step, args)
-                loss, n_flops = step_fn(device_batch(train, rows, device), lr)
+                loss, n_flops = step_fn(device_batch(s.train, rows, s.device), lr)
                 # the global batch's loss, and the FLOPs every rank ran (exact integers)
                 loss = distributed.global_mean(world, loss)
                 n_flops = distributed.all_reduce_sum(world, n_flops)
@@ -643,22 +725,15 @@ def run_training(args: argparse.Namespace, world: distributed.World) -> int:
                 record = {"step": progress.step, "loss": loss, "lr": lr}
                 new_best = False
                 if args.eval_every and progress.step % args.eval_every == 0:
-                    # rank 0 validates; the sum hands its loss to every rank (the others add 0),
-                    # so all ranks take the same early-stopping decision
-                    val_loss, eval_flops = (validation_loss(model, val, B, device, dtype)
-                                            if world.is_main else (0.0, 0))
-                    val_loss = distributed.all_reduce_sum(world, val_loss)
-                    n_flops += distributed.all_reduce_sum(world, eval_flops)
+                    val_loss, eval_flops, new_best = validate(args, s, progress, world)
+                    n_flops += eval_flops
                     record["val_loss"] = scalars["val/loss"] = val_loss
-                    new_best = progress.validated(val_loss, progress.step) and args.early_stop
-                    progress.stopped_early = bool(
-                        args.early_stop and progress.evals_since_best >= args.early_stop)
                 progress.flops += n_flops
                 session_flops += n_flops
-                ledger.add(n_flops)
+                books.add(n_flops)
                 if new_best and world.is_main:  # as at a checkpoint: the ledger, then adapter/
-                    ledger.record(progress.step)
-                    save_adapter(model, run / "adapter", args.model, metadata | {
+                    books.record(progress.step)
+                    save_adapter(s.model, run / "adapter", args.model, s.metadata | {
                         "step": progress.step, "val_loss": val_loss})
                 record |= {"flops": progress.flops, "seconds": round(time.time() - t0, 3)}
                 if world.is_main:
@@ -675,7 +750,7 @@ def run_training(args: argparse.Namespace, world: distributed.World) -> int:
                 stopping = distributed.all_reduce_sum(world, int(stop.requested)) > 0
                 ending = stopping or progress.stopped_early or progress.step == args.steps
                 if world.is_main and (ending or progress.step % args.checkpoint_every == 0):
-                    checkpoint(run, progress, ledger, model, optimizer, args, metadata)
+                    checkpoint(run, progress, books, s.model, s.optimizer, args, s.metadata)
                     if ending or time.time() - plotted >= PLOT_SECONDS:
                         plot_loss(run)
                         plotted = time.time()
@@ -684,21 +759,58 @@ def run_training(args: argparse.Namespace, world: distributed.World) -> int:
             bar.close()
     finally:  # steps since the last checkpoint (a second Ctrl-C, an exception) are on it too
         if world.is_main:
-            ledger.record(progress.step)
+            books.record(progress.step)
         if writer:
             writer.close()
+    return session_flops
+
+
+def finish(args: argparse.Namespace, s: Setup, progress: Progress, config: dict,
+           session_flops: int, world: distributed.World) -> int:
+    """config.json with why the run stopped, and the closing lines; the exit code."""
     stopped = stop_record(progress, args)
     if not world.is_main:
         return 0
-    write_config(run, config | {"stopped": stopped})
-    print(f"{run}: step {progress.step}/{args.steps}, {session_flops:.3e} FLOPs counted this "
-          f"session (run total {progress.flops:.3e}); adapter in {run / 'adapter'}")
+    write_config(s.run, config | {"stopped": stopped})
+    print(f"{s.run}: step {progress.step}/{args.steps}, {session_flops:.3e} FLOPs counted this "
+          f"session (run total {progress.flops:.3e}); adapter in {s.run / 'adapter'}")
     if stopped["reason"] == "interrupted":
-        print(f"interrupted: continue with  python train.py --out {run} --resume")
+        print(f"interrupted: continue with  python train.py --out {s.run} --resume")
         return 130
     if stopped["reason"] == "early_stop":
         print(f"early stop: {stopped['why']}")
     return 0
+
+
+def run_training(args: argparse.Namespace, world: distributed.World) -> int:
+    """Set up, start or resume, reserve the budget, train, finish."""
+    s = set_up(args, world)
+    progress, config = start_or_resume(args, s, world)
+    if progress.stopped_early or progress.step >= args.steps:
+        if world.is_main:
+            write_config(s.run, config | {"stopped": stop_record(progress, args)})
+            print(f"{s.run}: already stopped at step {progress.step} "
+                  f"({stop_record(progress, args)['why']}); nothing to do")
+        return 0
+    planned = planned_flops(args, s.model.cfg, s.targets, progress.step, len(s.val["input_ids"]))
+    booking = reserve_budget(args, s, planned, world)
+    try:
+        if world.is_main:
+            write_config(s.run, config)
+        step_fn = pick_step(args, s.model, s.optimizer, world, s.device, s.dtype)
+        print(f"{s.run}: {len(s.train['input_ids'])} training windows of {args.context_length} "
+              f"tokens, LoRA r={args.rank} alpha={args.alpha:g} on {','.join(s.targets)} "
+              f"({s.n_trainable:,} trainable), {s.device} "
+              f"{'bf16 autocast' if s.dtype == torch.bfloat16 else 'fp32'}"
+              f"{', compiled' if isinstance(step_fn, (CompiledTrainStep, CompileFallback)) else ''}"
+              f"{f', {world.size} processes' if world.size > 1 else ''}, planned {planned:.3g} "
+              "FLOPs")
+        books = RunLedger(args, s.run, progress, s.targets, booking)
+        session_flops = train_loop(args, s, progress, books, step_fn, world)
+    finally:  # what the run did not spend goes back to the budget
+        if booking:
+            booking.release()
+    return finish(args, s, progress, config, session_flops, world)
 
 
 if __name__ == "__main__":

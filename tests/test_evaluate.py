@@ -14,6 +14,7 @@ import torch
 import data
 import evaluate
 import flops
+import ledger
 from lora import apply_lora, save_adapter
 from qwen_min import Qwen2Config, generate, load_model, load_tokenizer
 from tools.checkpoints import write_tiny_checkpoint
@@ -138,8 +139,6 @@ def test_sampled_forecasts(setup, tmp_path, monkeypatch):
                "7.00;8.00;9.00;"]  # and 1 that fails every step
     stub = stub_generate(setup[2], samples)
     monkeypatch.setattr(evaluate, "generate", stub)
-    # the budget check prices sampling with flops.generation_flops(samples=) (tests/test_flops)
-    monkeypatch.setattr(evaluate, "batch_flops", lambda *a, **kw: 0)
     args = base_args(setup, tmp_path, "--samples", "3", "--temperature", "0.7", "--top-p",
                      "0.9", "--seed", "5")
     assert evaluate.main(args) == 0
@@ -171,7 +170,7 @@ def test_baseline_run_same_outputs_and_a_zero_flop_record(setup, tmp_path):
     assert m["mse_scaled_by_horizon"] == pytest.approx([0.5, 2.0, 4.5], rel=REL)
     assert m["decoding"] == "baseline" and m["baseline"] == "persistence"
     assert m["parse_failure_rate"] == 0.0 and m["flops"] == 0
-    (record,) = flops.read_ledger(tmp_path / "ledger.jsonl")
+    (record,) = ledger.read_ledger(tmp_path / "ledger.jsonl")
     assert (record["kind"], record["flops"], record["series"]) == ("baseline", 0, [0, 2])
     for f in ("per_series.csv", "forecasts.npz", "trajectories.png", "horizon.png"):
         assert (tmp_path / "eval" / f).stat().st_size > 0
@@ -302,13 +301,14 @@ def greedy_generate(model, ids, max_new_tokens, mask, eos_token_id=None, cache=N
 def test_ledger_equals_the_closed_form(setup, adapter, tmp_path, monkeypatch):
     """A real evaluation (LoRA, 2 batches: 2 + 1 series): each batch's ledger record equals
     flops.evaluation_flops of its shapes, their sum is metrics.json's figure, and the plan
-    prices the same evaluation at the same figure, exactly."""
+    prices the same evaluation at the same figure, exactly, as evaluate.py reserved it: one
+    price, flops.evaluation_price (every token written here, so the bound is reached)."""
     monkeypatch.setattr(evaluate, "generate", greedy_generate)
     args = base_args(setup, tmp_path, "--adapter", str(adapter), "--batch-size", "2",
                      "--limit", "3", "--forecast-steps", "1", "--unconstrained")
     assert evaluate.main(args) == 0
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    records = flops.read_ledger(tmp_path / "ledger.jsonl")
+    records = ledger.read_ledger(tmp_path / "ledger.jsonl")
     assert [r["series"] for r in records] == [[0, 2], [2, 3]]
     cfg = load_model(setup[0]).cfg
     lora = dict(lora_rank=2, lora_targets=["o_proj", "q_proj"])
@@ -322,9 +322,11 @@ def test_ledger_equals_the_closed_form(setup, adapter, tmp_path, monkeypatch):
     assert {(r["prompt_len"], r["new_tokens"])
             for r in records} == {(84, 16)} and records[0]["target_lens"] == [11, 11]
     plan = flops.Plan(runs=(flops.Run("eval", steps=0, seq_len=0, rank=2),),
-                      evaluation=flops.Evaluation(series=3, prompt_len=84, new_tokens=16,
-                                                  target_len=11))
+                      evaluation=flops.Evaluation(series=3, prompt_len=84, forecast_steps=1,
+                                                  target_len=11, decimals=3))
     assert flops.plan_flops(plan, cfg, lora_targets=lora["lora_targets"])["total"] == m["flops"]
+    reservation = ledger.read_ledger(tmp_path / "ledger.jsonl", reservations=True)[0]
+    assert (reservation["kind"], reservation["reserved"]) == ("reservation", m["flops"])
 
 
 def test_sampled_constrained_ledger_equals_the_closed_form(setup, adapter, tmp_path):
@@ -334,7 +336,7 @@ def test_sampled_constrained_ledger_equals_the_closed_form(setup, adapter, tmp_p
                      "--limit", "3", "--forecast-steps", "1", "--samples", "2", "--top-p", "0.9")
     assert evaluate.main(args) == 0
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    records = flops.read_ledger(tmp_path / "ledger.jsonl")
+    records = ledger.read_ledger(tmp_path / "ledger.jsonl")
     cfg = load_model(setup[0]).cfg
     for r in records:
         assert r["flops"] == flops.evaluation_flops(
@@ -410,3 +412,58 @@ def test_compare_without_per_series_totals_is_a_one_line_error(setup, tmp_path, 
     assert capsys.readouterr().err == (
         f"error: {folder / 'forecasts.npz'}: no per-series totals (sum_*, count_*), written by "
         "an older evaluate.py; run the evaluation again to compare it\n")
+
+
+# ----------------------------------------------------------------------------- --out and budget
+
+
+def test_an_unwritable_out_is_refused_before_any_compute(setup, tmp_path, capsys, monkeypatch):
+    """--out below a file cannot be created: one line, exit 2, the model never loaded and
+    nothing on the ledger (today: the evaluation ran, was charged, then died in out.mkdir)."""
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **kw: pytest.fail("model loaded"))
+    (tmp_path / "file.txt").write_text("")
+    out = tmp_path / "file.txt" / "eval"
+    args = base_args(setup, tmp_path)
+    args[args.index("--out") + 1] = str(out)
+    assert evaluate.main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {out}: cannot write there (Not a directory); choose a folder you can "
+        "write to\n")
+    assert not (tmp_path / "ledger.jsonl").exists()
+
+
+def test_an_out_that_holds_files_is_refused_unless_forced(setup, tmp_path, capsys):
+    args = base_args(setup, tmp_path, "--baseline", "persistence")
+    assert evaluate.main(args) == 0
+    first = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    capsys.readouterr()
+    assert evaluate.main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: --out {tmp_path / 'eval'} already holds files (an earlier evaluation?); choose "
+        "another --out, or pass --force to write over them\n")
+    assert len(ledger.read_ledger(tmp_path / "ledger.jsonl")) == 1  # the refused run: nothing
+    (tmp_path / "eval" / "metrics.json").write_text("{}")
+    assert evaluate.main(args + ["--force"]) == 0
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["mse_scaled"] == first["mse_scaled"] == pytest.approx(14 / 6, rel=REL)
+
+
+def test_an_evaluation_reserves_and_respects_the_reservations_of_runs_in_flight(
+        setup, tmp_path, capsys):
+    """A run in flight (this live process) holds all but 1e9 of a 1e11 budget: the evaluation
+    (2.95e9 FLOPs planned here) is refused, exit 3, and nothing is charged. Alone, it reserves
+    its price and releases it when done."""
+    path = tmp_path / "ledger.jsonl"
+    holder = ledger.reserve(path, 10**11 - 10**9, budget=1e11, name="runs/in-flight")
+    args = base_args(setup, tmp_path, "--flops-budget", "1e11")
+    assert evaluate.main(args) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: this run plans ") and err.count("\n") == 1
+    assert ", and runs in flight reserve 9.900e+10 more (1.000e+09 left)" in err
+    assert ledger.read_ledger(path) == [] and not (tmp_path / "eval" / "metrics.json").exists()
+    holder.release()
+    assert evaluate.main(args) == 0
+    records = ledger.read_ledger(path, reservations=True)
+    assert [r["kind"] for r in records[2:]] == ["reservation", "eval", "release"]
+    assert records[2]["reserved"] >= records[3]["flops"] > 0
+    assert ledger.held(records) == {}

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import flops
+import ledger
 import train
 from tools.checkpoints import TINY, write_tiny_checkpoint
 
@@ -34,7 +34,7 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1"}
 # the n-th ledger append (before the state.pt that follows it).
 PLANTED = """
 import os, signal, sys, tempfile
-import flops, train
+import ledger, train
 where, n = sys.argv[1], int(sys.argv[2])
 calls = 0
 
@@ -62,7 +62,7 @@ if where == "state-write":
             path, data)
     train.atomic_write_bytes = write
 else:
-    flops.append_ledger = kill_on_nth(flops.append_ledger, None)
+    ledger.append_ledger = kill_on_nth(ledger.append_ledger, None)
 sys.exit(train.main(sys.argv[3:]))
 """
 
@@ -125,7 +125,7 @@ def kill_after(proc: subprocess.Popen, run: Path, moment: float) -> None:
 
 
 def ledger_ranges(run: Path) -> list[tuple[tuple[int, int], int]]:
-    return [(tuple(r["steps"]), r["flops"]) for r in flops.read_ledger(run / "ledger.jsonl")]
+    return [(tuple(r["steps"]), r["flops"]) for r in ledger.read_ledger(run / "ledger.jsonl")]
 
 
 @pytest.mark.parametrize("where, when", moments())
@@ -154,9 +154,9 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(setup, tmp_path, where
     assert all(uninterrupted[steps] == n for steps, n in records)
     assert sorted(set(steps for steps, _ in records)) == list(uninterrupted)
     twice = [steps for i, (steps, _) in enumerate(records) if steps in dict(records[:i])]
-    total = flops.ledger_total(run / "ledger.jsonl")
+    total = ledger.ledger_total(run / "ledger.jsonl")
     assert total == sum(uninterrupted.values()) + sum(uninterrupted[s] for s in twice)
     if where != "signal":  # the planted kills land between a ledger record and its state.pt
         assert twice == [(killed_at, killed_at + EVERY)]
-    assert len({r["run_id"] for r in flops.read_ledger(run / "ledger.jsonl")}) == 1
+    assert len({r["run_id"] for r in ledger.read_ledger(run / "ledger.jsonl")}) == 1
     assert json.loads((run / "config.json").read_text())["stopped"]["reason"] == "completed"

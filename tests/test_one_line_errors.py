@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import data
 import evaluate
-import flops
+import ledger as ledger_mod
 import report
 import sweep
 import train
@@ -299,7 +299,7 @@ def test_a_full_disk_leaves_the_ledger_as_it_was(tmp_path, monkeypatch):
     """A ledger append that the disk cuts short is cut back: no half record, which would make
     every later read of the ledger (every run's budget check) fail."""
     ledger = tmp_path / "ledger.jsonl"
-    flops.append_ledger(ledger, {"kind": "train", "name": "a", "flops": 1})
+    ledger_mod.append_ledger(ledger, {"kind": "train", "name": "a", "flops": 1})
     before = ledger.read_bytes()
     real = os.write
 
@@ -309,7 +309,7 @@ def test_a_full_disk_leaves_the_ledger_as_it_was(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "write", half)
     with pytest.raises(OSError) as e:
-        flops.append_ledger(ledger, {"kind": "train", "name": "b", "flops": 2})
+        ledger_mod.append_ledger(ledger, {"kind": "train", "name": "b", "flops": 2})
     monkeypatch.undo()
     assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(ledger))
     assert ledger.read_bytes() == before

@@ -11,7 +11,7 @@ import torch
 
 import data
 import evaluate
-import flops
+import ledger
 import train
 from tools.checkpoints import write_tiny_checkpoint
 
@@ -63,9 +63,9 @@ def test_resume_equals_uninterrupted(setup, tmp_path):
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
     assert a["flops"] == b["flops"] > 0
     # the split run's two sessions are two ledger records adding up to the same FLOPs
-    ledger = flops.read_ledger(tmp_path / "split-ledger.jsonl")
-    assert [r["steps"] for r in ledger] == [[0, 2], [2, 4]]
-    assert sum(r["flops"] for r in ledger) == a["flops"]
+    records = ledger.read_ledger(tmp_path / "split-ledger.jsonl")
+    assert [r["steps"] for r in records] == [[0, 2], [2, 4]]
+    assert sum(r["flops"] for r in records) == a["flops"]
 
 
 def test_resume_refuses_changed_hyperparameters(setup, tmp_path, capsys):
@@ -105,11 +105,11 @@ def test_evaluate_writes_metrics_for_every_series(setup, tmp_path):
     run = tmp_path / "run"
     assert train.main(train_args(setup, run, "--steps", "2")) == 0
     out = tmp_path / "eval"
-    ledger = tmp_path / "ledger.jsonl"
+    ledger_path = tmp_path / "ledger.jsonl"
     code = evaluate.main(["--model", str(ckpt), "--data", str(h5),
                           "--adapter", str(run / "adapter"),
                           "--out", str(out), "--forecast-steps", "3", "--batch-size", "2",
-                          "--ledger", str(ledger), "--dtype", "fp32"])
+                          "--ledger", str(ledger_path), "--dtype", "fp32"])
     assert code == 0
     m = json.loads((out / "metrics.json").read_text())
     n_val = len(data.split_indices(20)["val"])
@@ -121,7 +121,7 @@ def test_evaluate_writes_metrics_for_every_series(setup, tmp_path):
     assert m["teacher_forced_ce"] > 0 and m["generation_ce"] > 0
     rows = (out / "per_series.csv").read_text().splitlines()
     assert len(rows) == 1 + n_val
-    assert sum(r["flops"] for r in flops.read_ledger(ledger)) == m["flops"] > 0  # per batch
+    assert sum(r["flops"] for r in ledger.read_ledger(ledger_path)) == m["flops"] > 0  # per batch
     for f in ("trajectories.png", "horizon.png", "forecasts.npz"):
         assert (out / f).stat().st_size > 0
     meta = json.loads((run / "adapter" / "qwen_min.json").read_text())

@@ -23,6 +23,7 @@ import pytest
 import data
 import evaluate
 import flops
+import ledger
 import metrics as metrics_module
 import report
 import sweep
@@ -193,9 +194,9 @@ def test_data_section_shows_alpha_and_the_encoded_series_token_count(runs):
 
 def test_ledger_table_and_total_equal_the_ledger(runs):
     text = section(read_md(runs), "6. FLOPs")
-    records = flops.read_ledger(runs / "ledger.jsonl")
-    ledger = tables(text)[-1]
-    assert [(r["kind"], r["name"], float(r["flops"])) for r in ledger] == [
+    records = ledger.read_ledger(runs / "ledger.jsonl")
+    table = tables(text)[-1]
+    assert [(r["kind"], r["name"], float(r["flops"])) for r in table] == [
         (x["kind"], x["name"], float(f"{x['flops']:.4e}")) for x in records]
     used = sum(x["flops"] for x in records)
     assert f"Counted in the ledger: {used:.4e} FLOPs in {len(records)} records = " \

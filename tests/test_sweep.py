@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 
 import data
 import flops
+import ledger
 import sweep
 from qwen_min.model import Qwen2Config
 from tools.checkpoints import TINY, write_tiny_checkpoint
@@ -91,8 +93,8 @@ def test_sweep_runs_all_three_stages(finished):
     overall = min(rows[:4], key=key)
     assert (rows[4]["rank"], rows[4]["lr"], rows[4]["context"]) == (
         overall["rank"], overall["lr"], overall["context"])
-    ledger = flops.read_ledger(out / "ledger.jsonl")
-    assert sorted((r["kind"], Path(r["name"]).relative_to(out).as_posix()) for r in ledger) == \
+    records = ledger.read_ledger(out / "ledger.jsonl")
+    assert sorted((r["kind"], Path(r["name"]).relative_to(out).as_posix()) for r in records) == \
         sorted([("train", n) for n in NAMES] + [("eval", f"{n}/eval") for n in NAMES])
     note = (out / "summary.md").read_text().splitlines()[-1]
     assert note == f"All stages finished within the budget. {BEST_BY}"
@@ -140,7 +142,7 @@ def test_an_evaluation_refused_for_budget_stops_the_sweep_cleanly(tiny, tmp_path
     assert (out / NAMES[0] / "adapter").is_dir()
     assert not (out / NAMES[0] / "eval" / "metrics.json").exists()
     assert not (out / NAMES[1]).exists()
-    assert flops.ledger_total(out / "ledger.jsonl") == train
+    assert ledger.ledger_total(out / "ledger.jsonl") == train
     assert read_csv(out / "summary.csv") == []
     note = (out / "summary.md").read_text().splitlines()[-1]
     assert note == f"Stopped in the grid: the budget ({budget:.3g}) would be exceeded. {BEST_BY}"
@@ -160,7 +162,8 @@ def test_the_fitted_plan_shortens_the_grid_and_says_so(tiny, tmp_path, capsys, m
     total = flops.plan_flops(published[0], TINY)["total"]
     budget = total / 1.05
     commands = []
-    monkeypatch.setattr(sweep, "run", lambda cmd: commands.append(cmd) or sweep.BUDGET_EXIT)
+    monkeypatch.setattr(sweep, "run", lambda cmd, reservation=None: commands.append(cmd)
+                        or sweep.BUDGET_EXIT)
     assert sweep.main(args + ["--flops-budget", str(budget)]) == sweep.BUDGET_EXIT
     printed = capsys.readouterr().out.splitlines()
     fitted_steps = int(commands[0][commands[0].index("--steps") + 1])
@@ -304,7 +307,7 @@ def test_two_cpu_slots_run_a_stage_at_once_and_end_as_the_sequential_sweep(tiny,
     assert [json.loads((out / n / "config.json").read_text())["device"] for n in NAMES] == \
         ["cpu"] * len(NAMES)
     owners = [Path(r["name"]).relative_to(out).parts[0] for r in
-              flops.read_ledger(out / "ledger.jsonl")]
+              ledger.read_ledger(out / "ledger.jsonl")]
 
     def span(name: str) -> range:
         where = [i for i, owner in enumerate(owners) if owner == name]
@@ -329,3 +332,37 @@ def test_bad_devices_are_a_one_line_error(value, expected, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err == (
         f"sweep.py: error: argument --devices: {expected} (see python sweep.py --help)\n")
+
+
+def test_admission_reserves_each_runs_price_and_waits_while_two_do_not_fit(tiny, tmp_path):
+    """--devices: a run starts beside another only when the ledger (spent + live reservations)
+    holds room for its whole price, and it holds that price while it runs. Budget 1.5 run
+    prices: the second grid run waits until the first has ended and released what it did not
+    spend. A run that alone does not fit starts without a reservation (its scripts decide)."""
+    path = tmp_path / "sweep" / "ledger.jsonl"
+    args = sweep.parse_args(sweep_args(tiny, tmp_path / "sweep"))
+    admission = sweep.Admission(args, TINY, sweep.evaluation_size(args))
+    price = admission.price(NAMES[0], 2, 128, 2)
+    assert price == flops.plan_flops(flops.Plan(
+        (flops.Run("grid", 2, 128, 2, batch=2),), sweep.evaluation_size(args)), TINY)["total"]
+    args.flops_budget = 1.5 * price
+    started = []
+
+    def second():
+        with admission.slot(1, NAMES[1], price) as booking:
+            started.append(booking.id)
+
+    with admission.slot(0, NAMES[0], price) as first:
+        assert ledger.held(ledger.read_ledger(path, reservations=True)) == {first.id: price}
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        time.sleep(0.5)
+        assert started == []  # 2 prices > 1.5
+        first.append({"kind": "train", "name": NAMES[0], "flops": price // 2})
+    waiting.join(timeout=60)
+    assert len(started) == 1 and started[0] != first.id  # 0.5 + 1 prices fit: it reserved
+    assert ledger.held(ledger.read_ledger(path, reservations=True)) == {}
+    args.flops_budget = price / 2
+    admission.turn = 0
+    with admission.slot(0, NAMES[0], price) as alone:
+        assert alone is None

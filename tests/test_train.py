@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 
 import data
 import flops
+import ledger
 import train
-from qwen_min import load_model, load_tokenizer
+from qwen_min import distributed, load_model, load_tokenizer
 from tools.checkpoints import TINY, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,8 +142,8 @@ def test_eval_every_validates_at_its_multiples_and_counts_the_flops(small, tmp_p
     step = flops.train_step_flops(cfg, 2, 64, 8, ("q_proj", "v_proj"))
     evaluation = sum(flops.teacher_forced_flops(cfg, rows, 64, 8, ("q_proj", "v_proj"))
                      for rows in (2, 1))  # 3 windows in batches of 2
-    ledger = flops.read_ledger(tmp_path / "ev-ledger.jsonl")
-    assert [(r["steps"], r["flops"]) for r in ledger] == [([0, 5], 5 * step + 2 * evaluation)]
+    records = ledger.read_ledger(tmp_path / "ev-ledger.jsonl")
+    assert [(r["steps"], r["flops"]) for r in records] == [([0, 5], 5 * step + 2 * evaluation)]
     # the budget check planned exactly what ran
     plan = train.planned_flops(train.parse_args(argv), cfg, ("q_proj", "v_proj"), 0, 3)
     assert plan == 5 * step + 2 * evaluation
@@ -162,9 +163,9 @@ def test_sigterm_finishes_the_step_and_checkpoints(small, tmp_path):
     done = metrics(run)[-1]["step"]
     assert 2 <= state["step"] == done < 200  # the step under way was finished, then saved
     assert json.loads((run / "config.json").read_text())["stopped"]["reason"] == "interrupted"
-    ledger = flops.read_ledger(tmp_path / "term-ledger.jsonl")
-    assert [r["steps"] for r in ledger] == [[0, done]]
-    assert ledger[0]["flops"] == state["flops"] == metrics(run)[-1]["flops"]
+    records = ledger.read_ledger(tmp_path / "term-ledger.jsonl")
+    assert [r["steps"] for r in records] == [[0, done]]
+    assert records[0]["flops"] == state["flops"] == metrics(run)[-1]["flops"]
 
 
 # ----------------------------------------------------------------------------- flags
@@ -301,10 +302,10 @@ def test_early_stop_keeps_the_best_adapter_and_charges_only_what_ran(small, tmp_
                  for r in (run, tmp_path / "two"))
     assert all(torch.equal(best[k], two[k]) for k in two)
     step = flops.train_step_flops(load_model(small[0]).cfg, 2, 64, 8, ("q_proj", "v_proj"))
-    assert flops.ledger_total(tmp_path / "es-ledger.jsonl") == 4 * step  # not 10 steps
+    assert ledger.ledger_total(tmp_path / "es-ledger.jsonl") == 4 * step  # not 10 steps
     # resumable: a stopped run stays stopped, and nothing more is charged
     assert train.main(argv + ["--resume"]) == 0
-    assert flops.ledger_total(tmp_path / "es-ledger.jsonl") == 4 * step
+    assert ledger.ledger_total(tmp_path / "es-ledger.jsonl") == 4 * step
 
 
 # ----------------------------------------------------------------------------- TensorBoard
@@ -341,3 +342,89 @@ def test_tensorboard_event_file_holds_the_logged_scalars(small, tmp_path):
     assert [s for s, _ in scalars["train/tokens_per_s"]] == [1, 2]
     assert all(v > 0 for _, v in scalars["train/tokens_per_s"])
     assert os.listdir(run / "tensorboard")[0].startswith("events.out.tfevents.")
+
+
+# ----------------------------------------------------------------------------- resume and budget
+
+
+def test_resume_with_out_alone_takes_every_saved_flag(small, tmp_path, monkeypatch, capsys):
+    """The hint printed after Ctrl-C works as printed: `train.py --out DIR --resume` takes the
+    model, data, ledger and every other flag from DIR/config.json (before: it tried to download
+    Qwen, and with the flags retyped but no --ledger it charged runs/ledger.jsonl). A --ledger
+    other than the saved one is refused."""
+    monkeypatch.chdir(tmp_path)  # where a default ledger (runs/ledger.jsonl) would land
+    run, saved = tmp_path / "r", tmp_path / "r-ledger.jsonl"
+    real_lr = train.learning_rate
+
+    def ctrl_c_at_step_2(step, args):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_lr(step, args)
+
+    monkeypatch.setattr(train, "learning_rate", ctrl_c_at_step_2)
+    argv = train_args(small, run, "--steps", "4", "--checkpoint-every", "2", "--rank", "2")
+    assert train.main(argv) == 130
+    assert capsys.readouterr().err.endswith(
+        f"aborted; continue with  python train.py --out {run} --resume\n")
+    monkeypatch.setattr(train, "learning_rate", real_lr)
+    other = tmp_path / "other.jsonl"
+    assert train.main(["--out", str(run), "--resume", "--ledger", str(other)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --resume: --ledger {other} is not the ledger {run} records its FLOPs on "
+        f"({saved}); leave --ledger out to use that one\n")
+    assert train.main(["--out", str(run), "--resume"]) == 0
+    assert [r["steps"] for r in ledger.read_ledger(saved)] == [[0, 2], [2, 4]]
+    assert not other.exists() and not (tmp_path / "runs").exists()
+    config = json.loads((run / "config.json").read_text())
+    assert (config["model"], config["ledger"], config["rank"]) == (str(small[0]), str(saved), 2)
+    assert config["stopped"]["reason"] == "completed"
+    assert torch.load(run / "state.pt", weights_only=True)["step"] == 4
+
+
+@pytest.mark.slow
+def test_two_runs_sharing_a_ledger_with_room_for_one(small, tmp_path, capsys):
+    """Each run plans 400 steps; the budget holds 1.5 of them. The first, in flight, holds its
+    reservation: the second is refused before its first step (before: both passed the check,
+    4.0e10 against a budget of 3e10). The first's clean exit (SIGTERM) releases it."""
+    step = flops.train_step_flops(load_model(small[0]).cfg, 2, 64, 8, ("q_proj", "v_proj"))
+    budget = str(1.5 * 400 * step)
+    shared = tmp_path / "ledger.jsonl"
+    first = train_args(small, tmp_path / "first", "--steps", "400", "--flops-budget", budget,
+                       "--ledger", str(shared))
+    proc = subprocess.Popen([sys.executable, "train.py", *first], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (tmp_path / "first" / "metrics.jsonl").exists():  # it is training
+            assert proc.poll() is None, "the first run ended before its first step"
+            time.sleep(0.05)
+        second = train_args(small, tmp_path / "second", "--steps", "400", "--flops-budget",
+                            budget, "--ledger", str(shared))
+        assert train.main(second) == 3
+        err = capsys.readouterr().err
+        assert f", and runs in flight reserve {400 * step:.3e} more" in err
+        assert err.startswith(f"error: this run plans {400 * step:.3e} FLOPs, but {shared} ")
+        assert not (tmp_path / "second" / "metrics.jsonl").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 130
+    records = ledger.read_ledger(shared, reservations=True)
+    assert ledger.held(records) == {}
+    assert {r["name"] for r in records} == {str(tmp_path / "first")}
+
+
+def test_resume_restores_every_rng_it_saves(small, one_step_run):
+    """state.pt's generators are set again on resume, torch's included (nothing draws from it
+    after a resume today, so only its state shows a missing restore)."""
+    state = torch.load(one_step_run / "state.pt", weights_only=True)
+    assert {k for k in state if k.endswith("_rng")} == {"torch_rng", "cuda_rng"}
+    args = train.parse_args(train_args(small, one_step_run, "--steps", "2", "--resume"))
+    world = distributed.World()
+    s = train.set_up(args, world)  # seeds torch with --seed for the LoRA init
+    torch.manual_seed(1234)
+    progress, _ = train.start_or_resume(args, s, world)
+    assert progress.step == 1
+    assert torch.equal(torch.get_rng_state(), state["torch_rng"])
+    if torch.cuda.is_available():
+        assert torch.equal(torch.cuda.get_rng_state(), state["cuda_rng"][0])
+    else:
+        assert state["cuda_rng"] == []

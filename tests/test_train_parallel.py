@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import flops
+import ledger
 from tests.test_train import SMALL, metrics, train_args
 from tools.checkpoints import write_tiny_checkpoint
 
@@ -48,8 +48,8 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def ledger(run_dir: Path) -> list[dict]:
-    return flops.read_ledger(run_dir.parent / f"{run_dir.name}-ledger.jsonl")
+def ledger_of(run_dir: Path) -> list[dict]:
+    return ledger.read_ledger(run_dir.parent / f"{run_dir.name}-ledger.jsonl")
 
 
 def test_torchrun_two_processes_train_as_one(small, tmp_path):
@@ -64,8 +64,8 @@ def test_torchrun_two_processes_train_as_one(small, tmp_path):
     # measured: max difference 9.5e-7 on losses of ~9 (a different summation order)
     assert max(abs(a - b) for a, b in zip(losses_one, losses_two)) < 1e-5
     # the FLOPs each rank ran add up to the single process's, recorded once, by rank 0
-    assert [r["flops"] for r in ledger(two)] == [r["flops"] for r in ledger(one)]
-    assert [r["steps"] for r in ledger(two)] == [[0, 5]]
+    assert [r["flops"] for r in ledger_of(two)] == [r["flops"] for r in ledger_of(one)]
+    assert [r["steps"] for r in ledger_of(two)] == [[0, 5]]
     a, b = adapter(one), adapter(two)
     assert a.keys() == b.keys()
     # measured: 6.7e-7 (lr 1e-2, 5 Adam steps)
@@ -77,7 +77,7 @@ def test_compiled_step_keeps_the_losses_and_the_ledger(small, tmp_path):
     assert ", compiled," not in run([sys.executable, *train_py(small, eager, "--compile", "off")])
     assert ", compiled," in run([sys.executable, *train_py(small, compiled, "--compile", "on")])
     assert json.loads((compiled / "config.json").read_text())["compile"] == "on"
-    assert [r["flops"] for r in ledger(compiled)] == [r["flops"] for r in ledger(eager)]
+    assert [r["flops"] for r in ledger_of(compiled)] == [r["flops"] for r in ledger_of(eager)]
     # measured: max difference 1.2e-5 on losses of ~9 at step 5, growing from 3.8e-6 at step 1
     # (inductor's fused kernels round differently; lr 1e-2 amplifies it step by step)
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(metrics(eager), metrics(compiled))]
