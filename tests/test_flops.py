@@ -240,7 +240,9 @@ def test_plan_equals_running_it():
     assert result["train_flops"] == 2 * 3 * forward
     # an evaluation is the generation plus the teacher-forced pass and both cross-entropies
     # (evaluate.py's ledger equals evaluation_flops: tests/test_evaluate.py)
-    evaluation = flops.evaluation_flops(cfg, 1, 6, 8, [99], 2, flops.DEFAULT_TARGETS)
+    # NLL/D's grammar cross-entropy at 0 decimals runs over the 12 tokens without '.'
+    evaluation = flops.evaluation_flops(cfg, 1, 6, 8, [99], 2, flops.DEFAULT_TARGETS,
+                                        grammar_tokens=12)
     assert evaluation > c.total
     assert result["eval_flops"] == 2 * 5 * evaluation
     assert result["total"] == 6 * forward + 10 * evaluation

@@ -185,7 +185,7 @@ def test_ctrl_c_in_evaluate_is_one_line_and_exit_130(files, tmp_path, capsys, mo
 def test_ctrl_c_in_sweep_is_one_line_and_exit_130(files, tmp_path, capsys, monkeypatch):
     """Ctrl-C reaches the sweep's child too: train.py exits 130, and so does the sweep."""
     ckpt, h5 = files
-    monkeypatch.setattr(sweep, "run", lambda cmd: 130)
+    monkeypatch.setattr(sweep, "run", lambda cmd, reservation=None: 130)
     assert sweep.main(["--model", str(ckpt), "--data", str(h5), "--out", str(tmp_path / "s"),
                        "--ledger", str(tmp_path / "ledger.jsonl")]) == 130
     assert capsys.readouterr().err == (
