@@ -12,7 +12,7 @@ ADAPTER ?= $(RUN)/adapter
 EVAL_OUT ?= $(RUN)/eval
 ARGS ?=
 
-.PHONY: setup browser test data flops train eval baselines sweep report demo bench
+.PHONY: setup browser test test-all data flops train eval baselines sweep report demo bench
 setup:
 	test -x $(PY) || python3 -m venv .venv
 	if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
@@ -24,7 +24,14 @@ setup:
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
+# the fast tier: every unit and oracle test (a few minutes on 2 CPU cores); the 10 slowest are
+# listed at the end
 test:
+	$(PY) -m pytest -q -m "not slow"
+
+# every test: the fast tier plus the slow end-to-end and fault-injection runs (sweeps, killed
+# and resumed training, torchrun, the compiled train.py). CI runs this one
+test-all:
 	$(PY) -m pytest -q
 
 # the default dataset (simulated; git-ignored). Your own file: --data PATH in train/evaluate

@@ -17,18 +17,17 @@ import flops
 import ledger
 from lora import apply_lora, save_adapter
 from qwen_min import Qwen2Config, generate, load_model, load_tokenizer
-from tools.checkpoints import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, real_vocab_checkpoint):
     """A tiny checkpoint and 20 identical series whose numbers are easy by hand.
 
     prey = 2t (0, 2, …, 18), predator = 19.98 at every step t = 0…9, so α = 19.98 / 9.99 = 2:
     scaled, prey is t and predator 9.99. Context: the first 7 steps; 3 forecast steps, whose
     truth is prey 14, 16, 18 (scaled 7, 8, 9) and predator 19.98. Persistence: (12, 19.98)."""
     root = tmp_path_factory.mktemp("evaluate")
-    ckpt = write_tiny_checkpoint(root / "tiny")
+    ckpt = real_vocab_checkpoint
     t = np.arange(10.0)
     one = np.stack([2 * t, np.full(10, 19.98)], axis=1)  # (10 steps, 2)
     h5 = data.write_h5(root / "lv.h5", np.repeat(one[None], 20, axis=0), t)

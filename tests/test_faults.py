@@ -5,7 +5,6 @@ cover every step, with FLOPs above the uninterrupted run's only for steps that r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -19,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import ledger
 import train
-from tools.checkpoints import TINY, write_tiny_checkpoint
+
+pytestmark = pytest.mark.slow  # whole train.py processes, killed and resumed
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 3  # checkpoints (and ledger records) at steps 3, 6, 9, 12
@@ -78,14 +77,11 @@ def moments(seed: int = 0) -> list[tuple[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, small_vocab_checkpoint, lv_20x30):
     """A 512-word tiny checkpoint (LLMTIME uses ids 11–26) and 20 series of 299 tokens, cut
     into full windows (64 + 5·47 = 299), so no padding id is needed."""
-    root = tmp_path_factory.mktemp("faults")
-    ckpt = write_tiny_checkpoint(root / "small", dataclasses.replace(TINY, vocab_size=512))
-    trajectories, time_ = data.simulate(n_systems=20, n_steps=30, seed=3)
-    h5 = data.write_h5(root / "lv.h5", trajectories, time_)
-    straight = root / "straight"
+    ckpt, h5 = small_vocab_checkpoint, lv_20x30
+    straight = tmp_path_factory.mktemp("faults") / "straight"
     assert train_here(train_args(ckpt, h5, straight)) == 0
     return ckpt, h5, straight
 

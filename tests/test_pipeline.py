@@ -13,16 +13,11 @@ import data
 import evaluate
 import ledger
 import train
-from tools.checkpoints import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    ckpt = write_tiny_checkpoint(root / "tiny")
-    trajectories, time = data.simulate(n_systems=20, n_steps=30, seed=3)
-    h5 = data.write_h5(root / "lv.h5", trajectories, time)
-    return root, ckpt, h5
+def setup(tmp_path_factory, real_vocab_checkpoint, lv_20x30):
+    return tmp_path_factory.mktemp("pipeline"), real_vocab_checkpoint, lv_20x30
 
 
 def train_args(setup, out, *extra):

@@ -3,7 +3,8 @@ killed midway and started again, run two at a time (--devices cpu,cpu), stopped 
 budget, and its flags and choices.
 
 The end-to-end sweep runs 10 child processes (train.py and evaluate.py per run): about 45 s
-of CPU, most of it each child's start (imports, tokenizer, model)."""
+of CPU, most of it each child's start (imports, tokenizer, model). The tests that run whole
+sweeps are marked slow: `make test-all` runs them, `make test` does not."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import flops
 import ledger
 import sweep
 from qwen_min.model import Qwen2Config
-from tools.checkpoints import TINY, write_tiny_checkpoint
+from tools.checkpoints import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["grid-r2-lr0.001", "grid-r2-lr0.01", "context-64", "context-128", "final"]
@@ -34,11 +35,10 @@ BEST_BY = "best = lowest mse_scaled_filled (mse_scaled where a run's metrics lac
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, real_vocab_checkpoint):
     root = tmp_path_factory.mktemp("sweep")
-    ckpt = write_tiny_checkpoint(root / "tiny")
     data.main(["--out", str(root / "lv.h5"), "--systems", "40"])
-    return ckpt, root / "lv.h5"
+    return real_vocab_checkpoint, root / "lv.h5"
 
 
 def sweep_args(tiny, out: Path, *extra: str) -> list[str]:
@@ -73,6 +73,7 @@ def read_csv(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open()))
 
 
+@pytest.mark.slow
 def test_sweep_runs_all_three_stages(finished):
     out, log = finished
     rows = read_csv(out / "summary.csv")
@@ -102,6 +103,7 @@ def test_sweep_runs_all_three_stages(finished):
     assert (out / "grid_heatmap.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_started_again_ends_as_an_uninterrupted_one(tiny, finished, tmp_path):
     """SIGKILL to the sweep and its child once the second grid run has written its final
     checkpoint and adapter (its evaluation about to run or running), then start it again: that
@@ -122,6 +124,7 @@ def test_a_killed_sweep_started_again_ends_as_an_uninterrupted_one(tiny, finishe
     assert (out / "summary.csv").read_text() == (finished[0] / "summary.csv").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("devices", [[], ["--devices", "cpu,cpu"]])
 def test_an_evaluation_refused_for_budget_stops_the_sweep_cleanly(tiny, tmp_path, capsys,
                                                                    devices):
@@ -292,6 +295,7 @@ def test_make_sweep_fits_the_plan_make_flops_prints(tmp_path):
     assert [sweep.stage_steps(plan, s) for s in ("context", "final")] == [1000, 3000]
 
 
+@pytest.mark.slow
 def test_two_cpu_slots_run_a_stage_at_once_and_end_as_the_sequential_sweep(tiny, finished,
                                                                          tmp_path):
     """--devices cpu,cpu: two train.py/evaluate.py pairs at a time, each given --device cpu.

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -25,31 +24,23 @@ import flops
 import ledger
 import train
 from qwen_min import distributed, load_model, load_tokenizer
-from tools.checkpoints import TINY, write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(real_vocab_checkpoint, lv_20x30):
     """A tiny checkpoint and 20 simulated 30-step series: 299 tokens each, so at context 64 a
     series is 4 full windows and a left-padded one of 43 tokens."""
-    root = tmp_path_factory.mktemp("train")
-    ckpt = write_tiny_checkpoint(root / "tiny")
-    trajectories, time_ = data.simulate(n_systems=20, n_steps=30, seed=3)
-    return ckpt, data.write_h5(root / "lv.h5", trajectories, time_)
+    return real_vocab_checkpoint, lv_20x30
 
 
 @pytest.fixture(scope="module")
-def small(setup, tmp_path_factory):
+def small(small_vocab_checkpoint, lv_20x30):
     """For whole runs: a 512-word vocabulary (LLMTIME uses ids 11–26), 8× faster than the
     real one. It has no padding token, so runs use --stride 47: 299 = 64 + 5·47 tokens, the
     windows of a series are all full."""
-    ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("small"), SMALL)
-    return ckpt, setup[1]
-
-
-SMALL = dataclasses.replace(TINY, vocab_size=512)
+    return small_vocab_checkpoint, lv_20x30
 
 
 def train_args(setup, out: Path, *extra: str) -> list[str]:
@@ -149,6 +140,7 @@ def test_eval_every_validates_at_its_multiples_and_counts_the_flops(small, tmp_p
     assert plan == 5 * step + 2 * evaluation
 
 
+@pytest.mark.slow  # a train.py process of its own, signalled: fault injection
 def test_sigterm_finishes_the_step_and_checkpoints(small, tmp_path):
     run = tmp_path / "term"
     argv = train_args(small, run, "--steps", "200", "--checkpoint-every", "1000")

