@@ -22,6 +22,7 @@ import sweep
 import train
 from lora import apply_lora, save_adapter
 from qwen_min import load_model
+from tests.test_runtime import FullDisk
 
 LEDGER_LINE = ('line 1: not valid JSON (Expecting value, column 1); each line must be one record '
                'like {"kind": "train", "name": ..., "flops": ..., "timestamp": ...}. Repair or '
@@ -191,23 +192,6 @@ def test_ctrl_c_in_sweep_is_one_line_and_exit_130(files, tmp_path, capsys, monke
     assert capsys.readouterr().err == (
         "sweep.py: interrupted; run the same command again to continue: finished runs are "
         "skipped and an interrupted run resumes\n")
-
-
-class FullDisk:
-    """os.fdopen's file for `name`: half its bytes are written, then the disk is full."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def write(self, data: bytes) -> int:
-        os.write(self.fd, data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
 
 
 def fill_disk_at(monkeypatch, name: str) -> None:
