@@ -47,5 +47,8 @@ def test_sampled_forecasts_do_not_depend_on_the_batch_size(tiny, series, tmp_pat
     one, four = samples("1"), samples("4")
     assert one.keys() == four.keys()
     for k in one:
-        np.testing.assert_array_equal(one[k], four[k], err_msg=k)
+        if k.startswith("sum_nll"):  # the teacher-forced pass, padded per batch: fp32 rounding
+            np.testing.assert_allclose(one[k], four[k], rtol=1e-6, err_msg=k)  # measured 1.9e-7
+        else:  # the samples and every score drawn from them: exactly equal
+            np.testing.assert_array_equal(one[k], four[k], err_msg=k)
     assert np.isfinite(one["samples"]).mean() > 0.5  # most samples parse: a real comparison
