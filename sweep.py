@@ -54,7 +54,13 @@ from metrics import best, rank_score  # one ranking for the sweep and report.py
 from qwen_min import CheckpointError
 from qwen_min.loading import DEFAULT_MODEL, ConfigError, load_config, resolve_checkpoint
 from qwen_min.model import Qwen2Config
-from qwen_min.runtime import atomic_write_bytes, atomic_write_text, os_error_line, provenance
+from qwen_min.runtime import (
+    atomic_write_bytes,
+    atomic_write_text,
+    os_error_line,
+    provenance,
+    read_json,
+)
 
 HERE = Path(__file__).resolve().parent
 BUDGET_EXIT = 3  # train.py's and evaluate.py's exit code for a refused run
@@ -262,7 +268,12 @@ def train_and_eval(args: argparse.Namespace, name: str, rank: int, lr: float, co
                 return None
             if code != 0:
                 raise SystemExit(f"sweep: {name}: {script} failed with exit code {code}")
-    metrics = json.loads(metrics_path.read_text())
+    try:
+        metrics = read_json(metrics_path)
+    except ValueError as e:  # a finished run's metrics.json cut short or edited by hand
+        print(f"sweep.py: error: {e}; or delete {metrics_path.parent} to evaluate that run "
+              "again", file=sys.stderr)
+        raise SystemExit(2) from None
     row = {"name": name, "stage": name.split("-")[0], "rank": rank, "lr": lr, "context": context,
            "steps": steps}
     return row | {k: metrics.get(k) for k in SUMMARY_KEYS if k not in row}

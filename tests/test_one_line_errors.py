@@ -297,3 +297,18 @@ def test_a_full_disk_leaves_the_ledger_as_it_was(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(ledger))
     assert ledger.read_bytes() == before
+
+
+def test_a_malformed_metrics_json_in_a_finished_sweep_run_is_one_line(tmp_path, capsys):
+    """A run folder the sweep takes as finished (it holds eval/metrics.json) whose
+    metrics.json was cut short: one line naming it and what to do, exit 2, no traceback."""
+    path = tmp_path / "grid-r2-lr0.0001" / "eval" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"mse_scaled": 1.')
+    with pytest.raises(SystemExit) as stop:
+        sweep.train_and_eval(sweep.parse_args(["--out", str(tmp_path)]), "grid-r2-lr0.0001",
+                             2, 1e-4, 64, 2)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"sweep.py: error: {path}: not readable JSON (Expecting ',' delimiter: line 1 column 17 "
+        f"(char 16)); repair or remove it; or delete {path.parent} to evaluate that run again\n")
