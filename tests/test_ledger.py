@@ -3,11 +3,14 @@ append-only, fsynced: issue 11, item 2), and reservations (issue 19, items 2 and
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import multiprocessing
 import os
+import random
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -457,3 +460,99 @@ def test_flops_cli_shows_reserved_flops_apart_from_the_used(tmp_path, capsys):
         out = capsys.readouterr().out
         assert (f"Ledger {path}: 1 records, 1.2300e+02 FLOPs used = 0.00% of 1e+17, "
                 "1.0000e+15 reserved by runs in flight; 9.9000e+16 left") in out
+
+
+# ----------------------------------------------------------------------------- stress
+
+
+def running(marker: str) -> list[int]:
+    """Pids of the live processes whose command line holds `marker` (zombies have none)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and marker.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+    return pids
+
+
+def random_runs(rng: random.Random, tmp_path: Path, n: int = 8) -> list[dict]:
+    """The specs of `n` workers with random plans, each either started by the test (those
+    returned) or a child of an earlier one; runs with children spend nothing themselves (as
+    sweep.py), the others spend up to their plan in a few charges."""
+    specs, every = [], []
+    for i in range(n):
+        spec = {"ledger": str(tmp_path / "ledger.jsonl"), "name": f"w{i}",
+                "report": str(tmp_path / f"w{i}.json"), "plan": rng.randint(10, 60),
+                "pause": rng.uniform(0.05, 0.3), "children": []}
+        spec["spend"] = [rng.randint(0, spec["plan"] // 4) for _ in range(rng.randint(1, 4))]
+        if every and rng.random() < 0.4:
+            parent = rng.choice(every)
+            parent["children"].append(spec)
+            parent["spend"] = []
+        else:
+            specs.append(spec)
+        every.append(spec)
+    return specs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(20))
+def test_random_runs_children_and_kills_never_overrun_the_budget(tmp_path, seed):
+    """8 processes with random plans on a budget of 100, some started by others (children
+    drawing on their parent's reservation), started at random moments; a few killed with
+    SIGKILL at random moments, parents included; and now and then a record cut short at the
+    end of the ledger (a writer dying mid-append). Throughout, the FLOPs spent plus those held
+    never exceed the budget; once every process is gone, nothing is held; no run stops on a
+    cut record. Each seed takes about 2 s."""
+    rng = random.Random(seed)
+    path = tmp_path / "ledger.jsonl"
+    top = random_runs(rng, tmp_path)
+    events = sorted([(rng.uniform(0, 0.6), "start", spec) for spec in top]
+                    + [(rng.uniform(0.2, 1.2), "kill", None) for _ in range(rng.randint(1, 3))]
+                    + [(rng.uniform(0, 1.5), "cut", None) for _ in range(2)],
+                    key=lambda e: e[0])
+    log = (tmp_path / "stderr.txt").open("w")
+    procs, killed, t0 = [], 0, time.time()
+
+    def check() -> None:
+        """The budget holds, and every reservation held has its owner among the processes
+        that run (by their command lines: a check apart from the ledger's own)."""
+        time.sleep(0.02)
+        before = running(str(path))
+        records = ledger.read_ledger(path, reservations=True)
+        holds = ledger.held(records)
+        owners = {r["reservation"]: r["pid"] for r in records if r["kind"] == "reservation"}
+        assert {owners[rid] for rid in holds} <= set(before + running(str(path))), records
+        spent = sum(r["flops"] for r in records)
+        assert spent + sum(holds.values()) <= 100, records
+
+    for at, action, spec in events:
+        while time.time() - t0 < at:
+            check()
+        if action == "start":
+            procs.append(subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec)],
+                                          stderr=log))
+        elif action == "kill":
+            if alive := running(str(path)):
+                os.kill(rng.choice(sorted(alive)), signal.SIGKILL)
+                killed += 1
+        else:
+            with ledger.locked(path), path.open("ab") as f:
+                f.write(b'{"kind": "train", "name": "cut", "fl')
+    while running(str(path)):
+        check()
+    for p in procs:
+        p.wait()
+    check()
+    records = ledger.read_ledger(path, reservations=True)
+    assert ledger.held(records) == {}
+    errors = (tmp_path / "stderr.txt").read_text().splitlines()
+    assert all(line.startswith("error: this run plans ") for line in errors), errors
+    with ledger.reserve(path, 100 - ledger.ledger_total(path), budget=100):
+        pass
+    reservations = [r for r in records if r["kind"] == "reservation"]
+    print(f"seed {seed}: {len(reservations)} admitted "
+          f"({sum('parent' in r for r in reservations)} children), {len(errors)} refused, "
+          f"{8 - len(reservations) - len(errors)} not started (their parent was refused or "
+          f"killed first), {killed} killed, {ledger.ledger_total(path)} of 100 spent, "
+          f"{round(time.time() - t0, 1)} s")
