@@ -153,12 +153,6 @@ def owner(pid: int | None = None) -> dict:
             "start": start_time(pid)}
 
 
-def _checkable(record: dict) -> bool:
-    """Whether this process can ask after the record's owner: the same boot and PID namespace."""
-    machine = _this_machine()
-    return machine is not None and (record.get("boot_id"), record.get("pidns")) == machine
-
-
 def _seconds(record: dict) -> float:
     """A record's timestamp as seconds since the epoch (none: long ago)."""
     stamp = record.get("timestamp")
@@ -187,11 +181,12 @@ def _holds(records: list[dict], now: float) -> dict[str, tuple[int, float | None
             spent[rid] = spent.get(rid, 0) + r["flops"]
         if r["kind"] in (RESERVATION, REFRESH):
             last_seen[rid] = max(last_seen.get(rid, 0.0), _seconds(r))
+    machine = _this_machine()  # a pid means the same here only with the same boot and namespace
     lapses: dict[str, float | None] = {}
     for rid, r in first.items():
         if rid in released:
             continue
-        if _checkable(r):
+        if machine is not None and (r.get("boot_id"), r.get("pidns")) == machine:
             if start_time(r["pid"]) == r.get("start"):
                 lapses[rid] = None
         elif now < (lapse := last_seen[rid] + r.get("lease", LEASE_S)):
