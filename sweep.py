@@ -206,7 +206,8 @@ def choose_plan(args: argparse.Namespace, cfg: Qwen2Config, evaluation: flops.Ev
 
 def run(cmd: list[str], reservation: str | None = None) -> int:
     """Run train.py or evaluate.py (found beside this file) in a child process; with a
-    reservation id, the child's FLOPs draw on that reservation (ledger.PARENT_ENV)."""
+    reservation id, the child reserves its plan out of that reservation first
+    (ledger.PARENT_ENV)."""
     print("$ " + " ".join(cmd), flush=True)
     env = os.environ | {ledger.PARENT_ENV: reservation} if reservation else None
     return subprocess.call([sys.executable, str(HERE / cmd[0]), *cmd[1:]], env=env)
@@ -282,11 +283,11 @@ def train_and_eval(args: argparse.Namespace, name: str, rank: int, lr: float, co
 class Admission:
     """Keeps concurrent runs inside the budget together, through the ledger's reservations.
     Before a run starts, the sweep reserves its whole price (training and evaluation, as
-    flops.plan_flops prices them) on the ledger, and its train.py and evaluate.py draw on that
-    reservation, so no run beside it, in this sweep or another process, can take the room its
-    evaluation still needs. A run whose price does not fit waits for one in flight to end; with
-    none in flight it starts without a reservation, and its scripts decide alone, exactly as
-    in a sequential sweep."""
+    flops.plan_flops prices them) on the ledger, and its train.py and evaluate.py reserve out
+    of that reservation, so no run beside it, in this sweep or another process, can take the
+    room its evaluation still needs. A run whose price does not fit waits for one in flight to
+    end; with none in flight it starts without a reservation, and its scripts decide alone,
+    exactly as in a sequential sweep."""
 
     def __init__(self, args: argparse.Namespace, cfg: Qwen2Config, evaluation: flops.Evaluation):
         self.args, self.cfg, self.evaluation = args, cfg, evaluation

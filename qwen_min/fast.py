@@ -100,9 +100,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             target_logit = logits.gather(1, t[:, None]).float()  # (c, 1)
             total += ((m + sum_e.log() - target_logit)[:, 0] * ok).sum()
             if want_h or want_w:
-                # d(mean loss)/d(logits) = (softmax − onehot) / n = (e − sum_e·onehot) / (n·sum_e)
+                # d(mean loss)/d(logits) = (softmax − onehot) / n = (e − sum_e·onehot) / (n·sum_e);
+                # with every label ignored (n = 0) the rows' weights are 0 and so is the
+                # gradient, as in the plain path (0/0 would be NaN); the loss is NaN in both
                 e[torch.arange(c, device=t.device), t] -= sum_e[:, 0]
-                g = logits_buf[:c].copy_(e.mul_(ok[:, None] / (n * sum_e)))  # (c, V)
+                g = logits_buf[:c].copy_(e.mul_(ok[:, None] / (n.clamp(min=1) * sum_e)))  # (c, V)
                 if want_h:
                     grad_h[rows] = g @ weight  # (c, d)
                 if want_w:

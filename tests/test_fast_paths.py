@@ -1,8 +1,8 @@
 """Every speed shortcut in qwen_min against the plain computation it replaces.
 
   * the chunked loss (fast.chunked_linear_cross_entropy) == cross_entropy over the full logits:
-    value, gradients (LoRA, and a head that trains) and counted FLOPs (less the head rows it
-    skips);
+    value, gradients (LoRA, and a head that trains, and every label ignored) and counted FLOPs
+    (less the head rows it skips);
   * the one mask function: positions and masks for each case of its table;
   * no mask == an explicit all-ones mask == the row inside a padded batch;
   * the plain `attention` (reference, decoding) == SDPA (fast.sdpa_attention), and the fp32 KV
@@ -80,6 +80,28 @@ def test_chunked_loss_equals_cross_entropy_with_lora():
     assert fused.item() == pytest.approx(plain.item(), rel=1e-6)  # measured: equal
     for name in want:  # measured: ≤ 3.2e-7 (summation order)
         assert relative_error(got[name], want[name]) <= 1e-6, name
+
+
+@pytest.mark.parametrize("chunk_rows", [5, 256])
+def test_chunked_loss_with_every_label_ignored_has_the_plain_zero_gradients(chunk_rows):
+    """Every label −100 (issue 27): the plain mean is 0/0, a NaN loss with zero gradients; the
+    chunked loss gives the same NaN and the same zeros, not NaN gradients."""
+    model = build(lora_rank=2)
+    ids, labels, mask = batch()
+    labels = torch.full_like(labels, -100)
+    plain = plain_loss(model, ids, labels, mask)
+    plain.backward()
+    want = grads(model)
+    model.zero_grad()
+    h = model.model(ids, mask)[:, :-1]
+    fused = chunked_linear_cross_entropy(h, model.lm_head, labels[:, 1:], chunk_rows)
+    fused.backward()
+    got = grads(model)
+    assert plain.isnan().item() and fused.isnan().item()
+    assert set(got) == set(want) == set(lora_parameters(model))
+    for name in want:
+        assert torch.equal(got[name], torch.zeros_like(want[name])), name
+        assert torch.equal(want[name], torch.zeros_like(want[name])), name
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 5, 256])

@@ -151,6 +151,27 @@ def test_an_evaluation_refused_for_budget_stops_the_sweep_cleanly(tiny, tmp_path
     assert note == f"Stopped in the grid: the budget ({budget:.3g}) would be exceeded. {BEST_BY}"
 
 
+@pytest.mark.slow
+def test_a_budget_with_room_for_exactly_the_plan_runs_every_run(tiny, tmp_path):
+    """The budget is exactly the price of the sweep's three runs (training and evaluation, as
+    the sweep reserves them), and every run runs: train.py and evaluate.py draw on the
+    reservation the sweep holds for their run (ledger.PARENT_ENV). Handed nothing, they would
+    reserve their plans a second time beside the sweep's, and a run would be refused (issue
+    27)."""
+    out = tmp_path / "sweep"
+    args = sweep_args(tiny, out, "--lrs", "1e-3", "--contexts", "128", "--plan", "published")
+    parsed = sweep.parse_args(args)
+    admission = sweep.Admission(parsed, TINY, sweep.evaluation_size(parsed))
+    runs = [("grid-r2-lr0.001", 2), ("context-128", 2), ("final", 3)]
+    budget = sum(admission.price(name, 2, 128, steps) for name, steps in runs)
+    log = tmp_path / "log.txt"
+    proc = start_sweep(args + ["--flops-budget", str(budget)], log)
+    assert proc.wait(timeout=600) == 0, log.read_text()
+    assert [r["name"] for r in read_csv(out / "summary.csv")] == [name for name, _ in runs]
+    assert ledger.ledger_total(out / "ledger.jsonl") <= budget
+    assert ledger.held(ledger.read_ledger(out / "ledger.jsonl", reservations=True)) == {}
+
+
 def test_the_fitted_plan_shortens_the_grid_and_says_so(tiny, tmp_path, capsys, monkeypatch):
     """--plan fit (the default) on the published stage lengths, with a budget the plan
     overruns: the grid runs are shortened, the sweep prints why, and train.py gets the new
