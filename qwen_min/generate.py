@@ -24,8 +24,8 @@ from .model import KVCache, Qwen2ForCausalLM
 @torch.no_grad()
 def greedy_generate(model: Qwen2ForCausalLM, ids: torch.Tensor, mask: torch.Tensor,
                     n: int) -> torch.Tensor:
-    """The n most likely next tokens (B, n) of each prompt of ids (B, T), left-padded where
-    mask (B, T) is 0. For two prompts, "1,0," (4 tokens) and "0," (2, after 2 pads):
+    """n tokens (B, n) after each prompt of ids (B, T), each the most likely one, left-padded
+    where mask (B, T) is 0. For two prompts, "1,0," (4 tokens) and "0," (2, after 2 pads):
 
     >>> ids = torch.tensor([[16, 11, 15, 11], [0, 0, 15, 11]])
     >>> mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
@@ -38,7 +38,7 @@ def greedy_generate(model: Qwen2ForCausalLM, ids: torch.Tensor, mask: torch.Tens
     mask = torch.cat([mask, mask.new_ones(B, n)], dim=1)  # (B, T + n): new tokens are real
     logits = model(ids, mask[:, :T], cache, last_only=True)  # prefill (B, 1, V); cache holds T
     tokens = [logits[:, -1].argmax(-1)]  # (B,)
-    for i in range(1, n):  # token i attends to the T prompt positions and the i before it
+    for i in range(1, n):  # feed token i − 1: it attends to the T + i positions up to itself
         logits = model(tokens[-1][:, None], mask[:, : T + i], cache, last_only=True)  # (B, 1, V)
         tokens.append(logits[:, -1].argmax(-1))
     return torch.stack(tokens, dim=1)  # (B, n)
@@ -53,7 +53,7 @@ def cache_dtype(model: Qwen2ForCausalLM, device: torch.device | None = None) -> 
     return torch.promote_types(model.lm_head.weight.dtype, torch.float32)
 
 
-# ----------------------------------------------------------------------------- the greedy core
+# ----------------------------------------------------------------------------- generate
 
 
 def prefill(model: Qwen2ForCausalLM, input_ids: torch.Tensor, mask: torch.Tensor,
