@@ -6,40 +6,28 @@ budget check: ledger.py).
     python flops.py --json               # the same, machine-readable
 
 The model counts its own FLOPs as it runs (`with count_flops() as c: model(x)`, count_flops from
-qwen_min; the rules sit next to each op in qwen_min/model.py). `forward_flops` below is the
-same rules in closed form, and tests/test_flops.py proves the two agree to the FLOP across
-configs, batch sizes, lengths, LoRA, prefill, KV-cache decode steps and generation;
-tests/test_flops_independent.py checks both against totals worked out by hand.
+qwen_min; each rule is one line beside its op in qwen_min/model.py, derived once in
+docs/flops.md's table). `forward_flops` below is the same rules in closed form, and
+tests/test_flops.py proves the two agree to the FLOP across configs, batch sizes, lengths, LoRA,
+prefill, KV-cache decode steps and generation; tests/test_flops_independent.py checks both
+against totals worked out by hand.
 
-Conventions (the coursework's rules; costs: add/sub/negate/multiply/divide 1, exp/log/sqrt 10):
-  * Matrix product (m×n)(n×p): m·p·(2n−1), i.e. n multiplies and n−1 adds per output. A
-    Linear's bias is one more add per output.
+Conventions beyond the single ops (the coursework's: add/sub/negate/multiply/divide 1,
+exp/log/sqrt 10, an (m×n)(n×p) product m·p·(2n−1)):
   * GQA: the budget counts what runs. K/V projections are d → n_kv·hd (896 → 128) and RoPE
     rotates the n_kv key heads. The coursework allows "GQA costs the same as MHA" (K/V d → d,
     RoPE on all heads); `gqa="mha"` gives that figure, and the CLI prints both. Attention itself
     is the same in both: each of the n_heads query heads scores against its (shared) keys.
   * Causal attention is counted over the full T×S score matrix (S = cached + new positions),
-    masked entries included: they are computed, then masked. The mask is a selection: free.
-  * Softmax over S scores: S exp + (S−1) adds + S divides = 12S − 1 (no max-subtraction: it
-    is a numerical device that leaves the function unchanged). Scaling by 1/√hd: 1 per score.
-  * RMSNorm over d: d squares, d−1 adds, 1 divide (mean), 1 add (eps), sqrt 10, 1 inverse,
-    d multiplies by 1/rms, d by the gain = 4d + 12 per row.
-  * SwiGLU: silu(z) = z / (1 + e^(−z)) is negate + exp + add + divide = 13 per element, then one
-    multiply by up(x). RoPE: 2 multiplies + 1 add per element, plus a negate for half of each
-    head (rotate-half); the cos/sin tables are free (computing positional encodings is).
-  * Cross-entropy per predicted position: V exp + (V−1) adds + 1 log + 1 subtract = 11V + 10,
-    then the mean over rows = B·(T−1) (rows − 1 adds + 1 divide). Padding and −100 rows are
-    counted: they are computed, then ignored. The loss runs the LM head on those B·(T−1) rows
-    only: the last position predicts nothing, and its logits are never computed.
-  * The embedding is a lookup: 0. Padding tokens are counted everywhere: they are computed.
+    masked entries included. Padding tokens and −100 rows are counted: they are computed.
+  * The loss runs the LM head on the B·(T−1) rows that predict a next token only.
   * Training step = 3 × forward (backward is exactly 2× forward), loss included.
   * Generation (qwen_min.generate) of N tokens = one prefill forward over the prompt with the
     LM head on the last position only, then N−1 one-token decode forwards against the KV cache.
     Sampled (N samples per prompt): the prefill once per prompt, the decode steps for every
     sample, plus the sampling arithmetic per token (`sampling_flops`, over the grammar's 13
     tokens when constrained). Grammar masks and argmax are selections: free.
-  * LoRA (unmerged) per adapted projection: x·Aᵀ, (·)·Bᵀ, ×alpha/r, + base output (and a
-    dropout multiply per input element while training with dropout). A merged adapter is free.
+  * A merged LoRA adapter is free: it is in the weight.
 """
 
 from __future__ import annotations
@@ -160,7 +148,7 @@ def forward_flops(
     linear("o_proj")
     linear("gate_proj")
     linear("up_proj")
-    add("swiglu", L * 14 * rows * f)  # silu 13 per element, then ⊙ up(x)
+    add("swiglu", L * 14 * rows * f)
     linear("down_proj")
     add("residual", L * 2 * rows * d)
     add("final_norm", rows * (4 * d + 12))  # on every position, also when last_only

@@ -3,13 +3,16 @@ computes, counts the same FLOPs, and is swapped in per model by `use_fast_paths`
 does it; tests/test_fast_paths.py checks each against the plain function).
 
   * attention → `sdpa_attention`: torch's fused kernel (scaled_dot_product_attention) for
-    T > 1 queries per head (prefill, training). One query per head (decoding) stays on the
-    plain ops, which beat SDPA's kernel on CPU.
+    T > 1 queries per head (prefill, training). One query per head (decoding) goes to
+    `grouped_attention`, plain ops that share each KV head without copying it, which beat
+    SDPA's kernel on CPU.
   * the loss → `chunked_linear_cross_entropy`: the head and the softmax a chunk of rows at a
     time, never holding all the logits, with the gradients computed in the forward pass.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +37,25 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """model.attention through torch's fused kernel, for T > 1: the same arguments, in one
     dtype (Qwen2Attention casts q and k to v's, autocast off)."""
-    if q.shape[2] == 1:  # one query per head (decoding): on CPU the plain ops beat SDPA's kernel
-        return attention(q, k, v, mask)
+    if q.shape[2] == 1:  # one query per head (decoding): on CPU plain ops beat SDPA's kernel
+        return grouped_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+
+
+def grouped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """model.attention without repeating K and V: the n_rep query heads that share KV head g
+    are stacked into one matrix, qg[b, g, r·T + t] = q[b, g·n_rep + r, t], which multiplies
+    k_g as it is. Head g·n_rep + r meets k_g, as after repeat_interleave, but nothing is copied."""
+    B, nh, T, hd = q.shape
+    n_kv, S, n_rep = k.shape[1], k.shape[2], nh // k.shape[1]
+    qg = q.reshape(B, n_kv, n_rep * T, hd)  # (B, n_kv, n_rep·T, hd)
+    scores = (qg @ k.transpose(-1, -2)) / math.sqrt(hd)  # (B, n_kv, n_rep·T, S)
+    scores = scores.view(B, n_kv, n_rep, T, S)  # (B, n_kv, n_rep, T, S)
+    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask: (B, 1, 1, T, S)
+    weights = scores.float().softmax(-1).to(v.dtype).view(B, n_kv, n_rep * T, S)
+    return (weights @ v).view(B, nh, T, hd)  # (B, n_kv, n_rep·T, hd) → (B, nh, T, hd)
 
 
 # ----------------------------------------------------------------------------- the loss

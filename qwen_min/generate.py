@@ -1,15 +1,11 @@
 """Batched generation with the KV cache: greedy or sampled, free or held to the LLMTIME grammar.
 
-The greedy core comes first and reads alone: `prefill` runs the B left-padded prompts through
-the model once, filling the cache; `decode_step` runs one new token per row against it; and
-`generate` loops, one token per step for every row:
-
-    raw logits (returned as they are) → grammar mask → argmax (greedy) or a sample
-    → rows that have finished (eos, or their n_steps-th ';') write eos from then on.
-
-After the core, each extra in its own section: sampling (`SamplingOptions`; N rows per prompt,
-its cache expanded from the prompt's), the prefill in row parts, the compiled decode step, and
-the argument checks.
+`greedy_generate`, first, is the whole idea and reads alone: prefill the left-padded prompts
+once, filling the cache, then one token per row and step against it. `generate` is the same
+loop (tests/test_generate.py: the same tokens) with the extras, each in its own section below:
+a grammar mask, rows that finish (eos, or their n_steps-th ';') and write eos from then on,
+sampling (`SamplingOptions`; N rows per prompt), the prefill in row parts, the compiled
+decode step, and the argument checks.
 """
 
 from __future__ import annotations
@@ -24,30 +20,49 @@ from .counting import add_flops
 from .grammar import QWEN2_SEMICOLON_ID, GrammarTables, LLMTimeGrammar
 from .model import KVCache, Qwen2ForCausalLM
 
+
+@torch.no_grad()
+def greedy_generate(model: Qwen2ForCausalLM, ids: torch.Tensor, mask: torch.Tensor,
+                    n: int) -> torch.Tensor:
+    """n tokens (B, n) after each prompt of ids (B, T), each the most likely one, left-padded
+    where mask (B, T) is 0. For two prompts, "1,0," (4 tokens) and "0," (2, after 2 pads):
+
+    >>> ids = torch.tensor([[16, 11, 15, 11], [0, 0, 15, 11]])
+    >>> mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    >>> greedy_generate(model, ids, mask, 3)  # a tiny random model's (tests/test_generate.py)
+    tensor([[379, 379, 163],
+            [295, 454, 218]])
+    """
+    B, T = ids.shape
+    cache = KVCache(model.cfg, B, T + n, cache_dtype(model), ids.device)  # room for T + n
+    mask = torch.cat([mask, mask.new_ones(B, n)], dim=1)  # (B, T + n): new tokens are real
+    logits = model(ids, mask[:, :T], cache, last_only=True)  # prefill (B, 1, V); cache holds T
+    tokens = [logits[:, -1].argmax(-1)]  # (B,)
+    for i in range(1, n):  # feed token i − 1: it attends to the T + i positions up to itself
+        logits = model(tokens[-1][:, None], mask[:, : T + i], cache, last_only=True)  # (B, 1, V)
+        tokens.append(logits[:, -1].argmax(-1))
+    return torch.stack(tokens, dim=1)  # (B, n)
+
+
 QWEN2_EOS_ID = 151643  # <|endoftext|>, Qwen2's padding token (data.PAD_ID): the default fill
 
 
 def cache_dtype(model: Qwen2ForCausalLM, device: torch.device | None = None) -> torch.dtype:
-    """fp32 (fp64 for an fp64 model) on every device, under bf16 autocast too: the bf16 keys
-    and values are stored exactly, and each decoding step's attention reads them in fp32
-    (Qwen2Attention): more precise, and on CPU faster than bf16."""
+    """fp32 (fp64 for an fp64 model) on every device, under bf16 autocast too: bf16 keys and
+    values are stored exactly, and on CPU fp32 attention is faster than bf16."""
     return torch.promote_types(model.lm_head.weight.dtype, torch.float32)
 
 
-# ----------------------------------------------------------------------------- the greedy core
+# ----------------------------------------------------------------------------- generate
 
 
 def prefill(model: Qwen2ForCausalLM, input_ids: torch.Tensor, mask: torch.Tensor,
             cache: KVCache, prefill_rows: int) -> torch.Tensor:
-    """The whole prompt into `cache`; (B, V) last-position logits. `prefill_rows` rows at a
-    time (see "prefill in row parts"): the same work as one call for all B rows."""
-    B, T = input_ids.shape
-    parts = [slice(r, r + prefill_rows) for r in range(0, B, prefill_rows)]
-    logits = torch.cat(
-        [model(input_ids[r], mask[r], CacheRows(cache, r), last_only=True) for r in parts]
-    )[:, -1]  # (B, 1, V) → (B, V)
-    cache.advance(T)  # the parts wrote the T positions of their rows: the cache holds them all
-    return logits
+    """The whole prompt into `cache`; (B, V) last-position logits. With prefill_rows < B,
+    that many rows at a time (see "prefill in row parts"): the same work."""
+    if prefill_rows < input_ids.shape[0]:
+        return prefill_in_parts(model, input_ids, mask, cache, prefill_rows)
+    return model(input_ids, mask, cache, last_only=True)[:, -1]  # (B, 1, V) → (B, V)
 
 
 def decode_step(model: Qwen2ForCausalLM, last: torch.Tensor, mask: torch.Tensor,
@@ -297,12 +312,23 @@ class Sampler:
 # ----------------------------------------------------------------------------- prefill in row parts
 
 
+def prefill_in_parts(model: Qwen2ForCausalLM, input_ids: torch.Tensor, mask: torch.Tensor,
+                     cache: KVCache, rows: int) -> torch.Tensor:
+    """prefill, `rows` rows at a time. Why parts: the same work, but on CPU the activations of
+    a few rows stay in cache (a batch of 32 prefills ~15% faster in parts of 4)."""
+    B, T = input_ids.shape
+    parts = [slice(r, r + rows) for r in range(0, B, rows)]
+    logits = torch.cat(
+        [model(input_ids[r], mask[r], CacheRows(cache, r), last_only=True) for r in parts]
+    )[:, -1]  # (B, 1, V) → (B, V)
+    cache.advance(T)  # the parts wrote the T positions of their rows: the cache holds them all
+    return logits
+
+
 class CacheRows:
     """Batch rows `rows` of a KVCache, for a forward pass over those rows only: what it writes
     lands in the cache, its `length` is the cache's, and its `advance` does nothing, so that
-    `prefill` advances the cache once, after the last part. Why parts: the same work, but on
-    CPU the activations of a few rows stay in cache (a batch of 32 prefills ~15% faster in
-    parts of 4)."""
+    `prefill_in_parts` advances the cache once, after the last part."""
 
     update = KVCache.update  # writes after `length` into this view's k and v
 

@@ -1,14 +1,15 @@
-"""Qwen2, the architecture of Qwen2.5-0.5B-Instruct, in one file and in reading order:
-config → Linear → RMSNorm → RoPE → positions and mask → attention → MLP → block → model
-→ LM head and loss → KV cache → LoRA. It matches transformers' `Qwen2ForCausalLM` logit for
-logit; the module names are the checkpoint keys (`model.layers.3.self_attn.q_proj.weight`).
+"""Qwen2, the architecture of Qwen2.5-0.5B-Instruct, in one file and in the data's order:
+config → Linear → RMSNorm → positions and mask → RoPE → attention → MLP → block → model, where
+the forward pass ends; then the loss, the KV cache and LoRA. It matches transformers'
+`Qwen2ForCausalLM` logit for logit; the module names are the checkpoint keys
+(`model.layers.3.self_attn.q_proj.weight`).
 
-Beside each operation, one line adds its FLOPs by the coursework's rules (add/sub/neg/mul/div 1,
-exp/log/sqrt 10, an (m×n)(n×p) matrix product m·p·(2n−1)) to the counter of
-`qwen_min.counting.count_flops()`, if one is open; flops.py is the same rules in closed form.
+Beside each operation, one line adds its FLOPs to the counter of
+`qwen_min.counting.count_flops()`, if one is open; each rule is derived once, in docs/flops.md,
+and flops.py is the same rules in closed form.
 
-This file is the plain reference; qwen_min/fast.py holds faster equals of `attention` (SDPA)
-and of the loss (chunked) that load_model swaps in. docs/reading-guide.md traces one pass.
+This file is the plain reference; qwen_min/fast.py holds faster equals of `attention` and of
+the loss that load_model swaps in. docs/reading-guide.md runs one pass step by step.
 """
 
 from __future__ import annotations
@@ -58,16 +59,16 @@ class Linear(nn.Linear):
     """y = x Wᵀ (+ b). Every matrix product of the model with a weight goes through here, so
     it is counted here, under the projection's name ("q_proj", "lm_head", ...)."""
 
-    def __init__(self, d_in: int, d_out: int, bias: bool, flop_name: str):
-        super().__init__(d_in, d_out, bias=bias)
+    def __init__(self, d_in: int, d_out: int, bias: bool, flop_name: str, device=None):
+        super().__init__(d_in, d_out, bias=bias, device=device)
         self.flop_name = flop_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        # (rows×d_in)(d_in×d_out): rows·d_out·(2·d_in − 1)
-        add_matmul_flops(self.flop_name, 1, rows, self.in_features, self.out_features)
+        d_in, d_out = self.in_features, self.out_features
+        rows = x.numel() // d_in
+        add_matmul_flops(self.flop_name, 1, rows, d_in, d_out)  # m·p·(2n − 1)
         if self.bias is not None:
-            add_flops(self.flop_name + ".bias", rows * self.out_features)  # one add per output
+            add_flops(self.flop_name + ".bias", rows * d_out)  # 1 add per output
         return F.linear(x, self.weight, self.bias)
 
 
@@ -75,7 +76,8 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x²) + eps) · w, computed in fp32 and cast back (as transformers)."""
+    """y = x / sqrt(mean(x²) + eps) · w; the normalisation in fp32, cast back, then · w (as
+    transformers)."""
 
     def __init__(self, dim: int, eps: float, flop_name: str):
         super().__init__()
@@ -84,42 +86,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1]
-        # per row: d squares + (d−1) adds + 1 divide (mean) + 1 add (eps) + 10 sqrt + 1 inverse
-        #          + d multiplies (x · 1/rms) + d multiplies (· w)  =  4d + 12
-        add_flops(self.flop_name, (x.numel() // d) * (4 * d + 12))
+        add_flops(self.flop_name, (x.numel() // d) * (4 * d + 12))  # 4d + 12 per row
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
-
-# ----------------------------------------------------------------------------- RoPE
-
-
-def rope_cos_sin(cfg: Qwen2Config, position_ids: torch.Tensor,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (B, T, head_dim) for rotary position embedding, built in fp32.
-
-    Pair i of a head rotates by angle pos · θ^(−2i/head_dim). Qwen uses the "rotate-half"
-    layout: dimension i is paired with i + head_dim/2, not with its neighbour:
-
-        x = [x1 | x2]  →  [x1·cos − x2·sin | x2·cos + x1·sin]  =  x·cos + [−x2 | x1]·sin
-
-    Computing the tables is free by the coursework's rules; applying them is counted.
-    """
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, heads, T, hd); cos/sin: (B, T, hd)."""
-    # per element: 2 multiplies + 1 add; the rotate-half negates hd/2 of every hd
-    add_flops("rope", x.numel() * 3 + x.numel() // 2)
-    x1, x2 = x.chunk(2, dim=-1)  # (B, heads, T, hd/2) each
-    rotated = torch.cat((-x2, x1), dim=-1)  # (B, heads, T, hd)
-    return x * cos[:, None] + rotated * sin[:, None]
 
 
 # ----------------------------------------------------------------------------- positions and mask
@@ -158,47 +128,68 @@ def positions_and_mask(attention_mask: torch.Tensor | None, B: int, T: int, past
     return positions, (allowed | (k_pos == q_pos))[:, None]  # (B, 1, T, S)
 
 
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_cos_sin(cfg: Qwen2Config, position_ids: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (B, T, head_dim) for rotary position embedding, built in fp32.
+
+    Pair i of a head rotates by angle pos · θ^(−2i/head_dim). Qwen uses the "rotate-half"
+    layout: dimension i is paired with i + head_dim/2, not with its neighbour:
+
+        x = [x1 | x2]  →  [x1·cos − x2·sin | x2·cos + x1·sin]  =  x·cos + [−x2 | x1]·sin
+
+    Computing the tables is free by the coursework's rules; applying them is counted.
+    """
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    freqs = position_ids.float()[..., None] * inv_freq.to(position_ids.device)  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, heads, T, hd); cos/sin: (B, T, hd)."""
+    add_flops("rope", x.numel() * 3 + x.numel() // 2)  # 3 per element + a negate for half
+    x1, x2 = x.chunk(2, dim=-1)  # (B, heads, T, hd/2) each
+    rotated = torch.cat((-x2, x1), dim=-1)  # (B, heads, T, hd)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
 # ----------------------------------------------------------------------------- attention
 #
 # Grouped-query attention (GQA): Qwen2.5-0.5B has 14 query heads but only n_kv = 2 key/value
-# heads. Each KV head serves n_rep = 7 consecutive query heads:
+# heads. Each KV head serves n_rep = 7 consecutive query heads, so repeating each KV head
+# 7 times gives every query head its own copy, and attention proceeds as multi-head:
 #
 #     query heads:  q0 q1 q2 q3 q4 q5 q6 | q7 q8 q9 q10 q11 q12 q13
 #     KV heads:            k0, v0        |             k1, v1
+#     repeated:     k0 k0 k0 k0 k0 k0 k0 | k1 k1 k1 k1  k1  k1  k1     (the same for v)
 #
-# So the queries (B, 14, T, hd) regroup as (B, 2, 7·T, hd): group g stacks the T query rows
-# of its 7 heads into one matrix, qg[b, g, r·T + t] = q[b, g·n_rep + r, t], which multiplies
-# k_g as it is. That is what k.repeat_interleave(n_rep, dim=1) against q would compute, head
-# g·n_rep + r meeting k_g, but K and V are never copied.
+# (fast.py's grouped_attention gets the same result without copying K and V.)
 
 
 def add_attention_flops(B: int, nh: int, T: int, S: int, hd: int) -> None:
-    """Each of the B·nh query heads, over its full T×S score block (masked entries are
-    computed too; the mask only selects, at no cost):
-        scores   q·kᵀ      (T×hd)(hd×S)                      T·S·(2hd − 1)
-        scale    / √hd     one divide per score              T·S
-        softmax  per row of S scores: S exp (10 each) + (S−1) adds + S divides = 12S − 1
-                 (subtracting the row max first is a numerical device: not counted)
-        output   p·v       (T×S)(S×hd)                       T·hd·(2S − 1)"""
-    add_matmul_flops("attn_scores", B * nh, T, hd, S)
-    add_flops("attn_scale", B * nh * T * S)
-    add_flops("attn_softmax", B * nh * T * (12 * S - 1))
-    add_matmul_flops("attn_v", B * nh, T, S, hd)
+    """Each of the B·nh query heads over its full T×S score block, masked entries included."""
+    add_matmul_flops("attn_scores", B * nh, T, hd, S)  # q·kᵀ: (T×hd)(hd×S)
+    add_flops("attn_scale", B * nh * T * S)  # / √hd: 1 per score
+    add_flops("attn_softmax", B * nh * T * (12 * S - 1))  # 12S − 1 per row
+    add_matmul_flops("attn_v", B * nh, T, S, hd)  # p·v: (T×S)(S×hd)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√hd, where mask is False: −inf)·v for every head, in plain ops.
+    """softmax(q·kᵀ/√hd, where mask is False: −inf)·v for every query head, in plain ops.
     q: (B, nh, T, hd); k, v: (B, n_kv, S, hd); mask: (B, 1, T, S) from positions_and_mask.
     The softmax runs in fp32, as in transformers."""
-    B, nh, T, hd = q.shape
-    n_kv, S, n_rep = k.shape[1], k.shape[2], nh // k.shape[1]
-    qg = q.reshape(B, n_kv, n_rep * T, hd)  # (B, n_kv, n_rep·T, hd): the regrouping above
-    scores = (qg @ k.transpose(-1, -2)) / math.sqrt(hd)  # (B, n_kv, n_rep·T, S)
-    scores = scores.view(B, n_kv, n_rep, T, S)  # (B, n_kv, n_rep, T, S)
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))  # mask: (B, 1, 1, T, S)
-    weights = scores.float().softmax(-1).to(v.dtype).view(B, n_kv, n_rep * T, S)
-    return (weights @ v).view(B, nh, T, hd)  # (B, n_kv, n_rep·T, hd) → (B, nh, T, hd)
+    n_rep = q.shape[1] // k.shape[1]  # 14 // 2 = 7
+    k = k.repeat_interleave(n_rep, dim=1)  # (B, nh, S, hd): head h reads KV head h // n_rep
+    v = v.repeat_interleave(n_rep, dim=1)  # (B, nh, S, hd)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, nh, T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, T, S): the same every head
+    weights = scores.float().softmax(-1).to(v.dtype)  # (B, nh, T, S): each row sums to 1
+    return weights @ v  # (B, nh, T, hd)
 
 
 class Qwen2Attention(nn.Module):
@@ -209,13 +200,12 @@ class Qwen2Attention(nn.Module):
         self.cfg = cfg
         d, hd = cfg.hidden_size, cfg.head_dim
         nh, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        # LoRA enters here: lora.apply_lora swaps q_proj, v_proj for LoRALinear (end of file).
-        # k_proj/v_proj run at their real width d → n_kv·hd (896 → 128) and are counted so
+        # LoRA enters here: lora.apply_lora swaps q_proj, v_proj for LoRALinear (end of file)
         self.q_proj = Linear(d, nh * hd, bias=True, flop_name="q_proj")
         self.k_proj = Linear(d, n_kv * hd, bias=True, flop_name="k_proj")
         self.v_proj = Linear(d, n_kv * hd, bias=True, flop_name="v_proj")
         self.o_proj = Linear(nh * hd, d, bias=False, flop_name="o_proj")
-        self.attend = attention  # qwen_min.fast swaps in SDPA, the same function, faster
+        self.attend = attention  # qwen_min.fast swaps in faster equals
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
         cfg, (B, T, _) = self.cfg, x.shape
@@ -226,9 +216,9 @@ class Qwen2Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd): the cached keys, then these T
-        add_attention_flops(B, nh, T, k.shape[2], hd)
-        # precision: attention runs in v's dtype, the KV cache's if there is one (fp32 when
-        # decoding under bf16 autocast, see KVCache), else the projection's; autocast stays off
+        add_attention_flops(B, nh, T, k.shape[2], hd)  # by the formula, whichever attend runs
+        # precision: under bf16 autocast an fp32 model's cos/sin promote q and k to fp32 while
+        # v stays bf16, and a cache returns k and v in its own dtype: attention runs in v's
         with torch.autocast(x.device.type, enabled=False):
             out = self.attend(q.to(v.dtype), k.to(v.dtype), v, mask).to(q.dtype)  # (B, nh, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, nh * hd))  # (B, T, d)
@@ -249,7 +239,7 @@ class Qwen2MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.gate_proj(x), self.up_proj(x)  # (B, T, f) each
-        add_flops("swiglu", 14 * g.numel())  # silu: negate, exp (10), add, divide; then ⊙ u
+        add_flops("swiglu", 14 * g.numel())  # 13 for silu + 1 for ⊙, per element
         return self.down_proj(F.silu(g) * u)
 
 
@@ -267,7 +257,7 @@ class Qwen2DecoderLayer(nn.Module):
         self.mlp = Qwen2MLP(cfg)
 
     def forward(self, x, cos, sin, mask, cache, layer: int) -> torch.Tensor:
-        add_flops("residual", 2 * x.numel())  # the two residual adds below
+        add_flops("residual", 2 * x.numel())  # 1 add per element, twice
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -292,22 +282,55 @@ class Qwen2Model(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         positions, mask = positions_and_mask(attention_mask, B, T, past, input_ids.device)
-        x = self.embed_tokens(input_ids)  # (B, T, d): a table lookup, no arithmetic to count
+        x = self.embed_tokens(input_ids)  # (B, T, d): a table lookup, 0 FLOPs
         cos, sin = rope_cos_sin(self.cfg, positions, x.dtype)  # (B, T, hd) each
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            x = layer(x, cos, sin, mask, cache, i)  # layer i writes its T keys/values after past
         if cache is not None:
-            cache.advance(T)  # every layer has written these T positions
+            cache.advance(T)  # where the cache advances: every layer has written these T
         return self.norm(x)
 
 
-# ----------------------------------------------------------------------------- head and loss
+class Qwen2ForCausalLM(nn.Module):
+    """`model(input_ids, attention_mask)` → logits (B, T, vocab); `model.loss(...)` to train."""
+
+    def __init__(self, cfg: Qwen2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Qwen2Model(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, flop_name="lm_head")
+        self.tie_weights()
+        self.head_loss = linear_cross_entropy  # for `loss`; qwen_min.fast swaps in a chunked equal
+
+    def tie_weights(self) -> None:  # one Parameter for the embedding and the LM head, no copy
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V), or (B, 1, V) for the last position only (generation)."""
+        h = self.model(input_ids, attention_mask, cache)  # (B, T, d)
+        return self.lm_head(h[:, -1:] if last_only else h)
+
+    # ========================================================================================
+    # The forward pass ends here: token ids → logits. What follows is the loss (training), the
+    # KV cache's bookkeeping (generation) and LoRA (fine-tuning).
+    # ========================================================================================
+
+    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """cross_entropy(h[:, :-1] Wᵀ, labels[:, 1:]): position t predicts label t + 1 (as in
+        transformers), so the head never runs (and is not counted) on the last position; labels
+        (B, T) are the input ids with −100 where no loss is taken."""
+        h = self.model(input_ids, attention_mask)  # (B, T, d)
+        return self.head_loss(h[:, :-1], self.lm_head, labels[:, 1:])  # (B, T−1) rows
+
+
+# ----------------------------------------------------------------------------- the loss
 
 
 def add_loss_flops(rows: int, V: int) -> None:
-    # per row: V exp (10 each) + V−1 adds + 1 log (10) + 1 subtract (log Σ − logit_target);
-    # every row is computed, ignored ones too. The mean: rows−1 adds + 1 divide.
-    add_flops("loss", rows * (11 * V + 10) + rows)
+    add_flops("loss", rows * (11 * V + 10) + rows)  # 11V + 10 per row, + rows for the mean
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -323,44 +346,13 @@ def linear_cross_entropy(h: torch.Tensor, head: Linear, targets: torch.Tensor) -
     return cross_entropy(head(h), targets)
 
 
-class Qwen2ForCausalLM(nn.Module):
-    """`model(input_ids, attention_mask)` → logits (B, T, vocab); `model.loss(...)` to train."""
-
-    def __init__(self, cfg: Qwen2Config):
-        super().__init__()
-        self.cfg = cfg
-        self.model = Qwen2Model(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, flop_name="lm_head")
-        self.tie_weights()
-        self.head_loss = linear_cross_entropy  # qwen_min.fast swaps in a chunked equal
-
-    def tie_weights(self) -> None:  # one Parameter for the embedding and the LM head, no copy
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, V), or (B, 1, V) for the last position only (generation)."""
-        h = self.model(input_ids, attention_mask, cache)
-        return self.lm_head(h[:, -1:] if last_only else h)
-
-    def loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
-             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """cross_entropy(h[:, :-1] Wᵀ, labels[:, 1:]): position t predicts label t + 1 (as in
-        transformers), so the head never runs (and is not counted) on the last position; labels
-        (B, T) are the input ids with −100 where no loss is taken."""
-        h = self.model(input_ids, attention_mask)  # (B, T, d)
-        return self.head_loss(h[:, :-1], self.lm_head, labels[:, 1:])  # (B, T−1) rows
-
-
 # ----------------------------------------------------------------------------- KV cache
 
 
 class KVCache:
-    """Preallocated keys and values, (layers, B, n_kv, max_len, hd); `length` slots are filled.
-    In a pass each layer writes its T new positions after them (`update`), then Qwen2Model
-    advances `length` by T. generate() keeps it in fp32 under bf16 autocast (cache_dtype): bf16
-    values are stored exactly, and each decoding step's attention then runs in fp32."""
+    """Preallocated keys and values, (layers, B, n_kv, max_len, hd); the first `length`
+    positions are filled. In a pass each layer writes its T new positions after them
+    (`update`); then Qwen2Model.forward advances `length` by T, once."""
 
     def __init__(self, cfg: Qwen2Config, batch: int, max_len: int, dtype, device):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
@@ -390,58 +382,54 @@ class KVCache:
 
 
 class LoRALinear(Linear):
-    """LoRA (Hu et al. 2021): y = x W₀ᵀ + b + (alpha/r) · x Aᵀ Bᵀ, A: (r, d_in), B: (d_out, r).
+    """LoRA (Hu et al. 2021): y = base(x) + (alpha/r) · x Aᵀ Bᵀ, A: (r, d_in), B: (d_out, r).
 
-    What `lora.apply_lora` puts in place of q_proj and v_proj (by default). W₀ and b keep their
-    checkpoint keys; `lora_A`/`lora_B` are new, in fp32 whatever the base dtype (they train in
-    bf16 models too). A starts kaiming-uniform(a=√5), B at zero (PEFT's init): a fresh adapter
-    changes nothing. `merge()` folds ΔW = (alpha/r)·B·A into W₀ (in fp32) for inference;
-    `unmerge()` puts back the W₀ that merge set aside ((W₀ + ΔW) − ΔW is not bit-exactly W₀)."""
+    What `lora.apply_lora` puts in place of q_proj and v_proj (by default): the base layer's
+    weight and bias (the same Parameters, under their checkpoint keys) and the two small
+    matrices `lora_A`, `lora_B`, in fp32 whatever the base dtype. A starts kaiming-uniform
+    (a=√5), B at zero (PEFT's init): a fresh adapter changes nothing. `merge()` folds
+    ΔW = (alpha/r)·B·A into W₀ (in fp32) for inference; `unmerge()` puts back the W₀ it set
+    aside ((W₀ + ΔW) − ΔW is not bit-exactly W₀)."""
 
     def __init__(self, base: Linear, rank: int, alpha: float, dropout: float = 0.0):
-        nn.Module.__init__(self)  # not Linear's, which would make a weight: this one is shared
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.flop_name = base.flop_name
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters, not copies
+        d_in, d_out = base.in_features, base.out_features
+        super().__init__(d_in, d_out, base.bias is not None, base.flop_name, device="meta")
+        self.weight, self.bias = base.weight, base.bias  # the base layer's: shared, not copied
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
         fp32 = dict(device=base.weight.device, dtype=torch.float32)
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **fp32))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **fp32))
+        self.lora_A = nn.Parameter(torch.empty(rank, d_in, **fp32))  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank, **fp32))  # (d_out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.register_buffer("unmerged_weight", None, persistent=False)  # W₀ while merged
+        self.merged, self.base_weight = False, None  # base_weight: W₀, kept while merged
         self.train(base.training)
-
-    @property
-    def merged(self) -> bool:
-        return self.unmerged_weight is not None
 
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.unmerged_weight = self.weight.detach().clone()
+            self.base_weight = self.weight.detach().clone()
             dtype = torch.promote_types(self.weight.dtype, torch.float32)  # fp32, fp64 for fp64
             delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling  # (d_out, d_in)
             self.weight.copy_((self.weight.to(dtype) + delta).to(self.weight.dtype))
+            self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight.copy_(self.unmerged_weight)
-            self.unmerged_weight = None
+            self.weight.copy_(self.base_weight)
+            self.merged, self.base_weight = False, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)  # x W₀ᵀ + b, counted by Linear
+        y = super().forward(x)  # base(x) = x W₀ᵀ + b, counted by Linear
         if self.merged:
             return y
-        name, r = self.flop_name + ".lora", self.rank
-        d_in, d_out, rows = self.in_features, self.out_features, x.numel() // self.in_features
+        name, rows = self.flop_name + ".lora", x.numel() // self.in_features
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
-            add_flops(name + "_dropout", rows * d_in)  # multiply by the scaled keep-mask
-        add_matmul_flops(name + "_A", 1, rows, d_in, r)  # (rows×d_in)(d_in×r)
+            add_flops(name + "_dropout", rows * self.in_features)  # 1 multiply per input
+        add_matmul_flops(name + "_A", 1, rows, self.in_features, self.rank)  # m·p·(2n − 1)
         h = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))  # (..., r)
-        add_matmul_flops(name + "_B", 1, rows, r, d_out)  # (rows×r)(r×d_out)
+        add_matmul_flops(name + "_B", 1, rows, self.rank, self.out_features)  # m·p·(2n − 1)
         h = F.linear(h, self.lora_B.to(x.dtype))  # (..., d_out)
-        add_flops(name + "_scale", rows * d_out)  # · alpha/r
-        add_flops(name + "_add", rows * d_out)  # + the base output
+        add_flops(name + "_scale", rows * self.out_features)  # · alpha/r: 1 per output
+        add_flops(name + "_add", rows * self.out_features)  # + base(x): 1 per output
         return y + h * self.scaling

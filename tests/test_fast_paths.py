@@ -5,8 +5,9 @@
     (less the head rows it skips);
   * the one mask function: positions and masks for each case of its table;
   * no mask == an explicit all-ones mask == the row inside a padded batch;
-  * the plain `attention` (reference, decoding) == SDPA (fast.sdpa_attention), and the fp32 KV
-    cache under bf16 autocast;
+  * the plain `attention` (reference: K and V repeated per query head) == SDPA
+    (fast.sdpa_attention) == the regrouping of q (fast.grouped_attention, decoding), and the
+    fp32 KV cache under bf16 autocast;
   * a bf16 base with fp32 LoRA tensors trains under autocast;
   * generate's prefill in parts of a few rows == the whole batch at once;
   * the training forward has no graph break for torch.compile; the KV cache keeps its length.
@@ -23,7 +24,12 @@ import torch.nn.functional as F
 import flops
 from lora import apply_lora, lora_parameters
 from qwen_min import KVCache, Qwen2Config, Qwen2ForCausalLM, count_flops, generate
-from qwen_min.fast import chunked_linear_cross_entropy, sdpa_attention, use_fast_paths
+from qwen_min.fast import (
+    chunked_linear_cross_entropy,
+    grouped_attention,
+    sdpa_attention,
+    use_fast_paths,
+)
 from qwen_min.generate import cache_dtype
 from qwen_min.model import attention, cross_entropy, positions_and_mask
 
@@ -195,18 +201,35 @@ def test_one_mask_function_for_every_case():
     assert mask[1, 0].int().tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 
 
-@pytest.mark.parametrize("T, S", [(1, 9), (6, 6), (3, 10)])
-@pytest.mark.parametrize("padded", [False, True])
-def test_plain_attention_equals_sdpa(T, S, padded):
+def attention_inputs(T: int, S: int, padded: bool):
+    """q (2, 6, T, 8) against k, v (2, 3, S, 8): 2 query heads per KV head; row 1 padded."""
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 6, T, 8, generator=g)
     k, v = torch.randn(2, 3, S, 8, generator=g), torch.randn(2, 3, S, 8, generator=g)
     key_mask = torch.ones(2, S, dtype=torch.long)
     key_mask[1, :2] = 0 if padded else 1
-    mask = positions_and_mask(key_mask, 2, T, S - T, torch.device("cpu"))[1]
+    return q, k, v, positions_and_mask(key_mask, 2, T, S - T, torch.device("cpu"))[1]
+
+
+@pytest.mark.parametrize("T, S", [(1, 9), (6, 6), (3, 10)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_plain_attention_equals_sdpa(T, S, padded):
+    q, k, v, mask = attention_inputs(T, S, padded)
     want = F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
     assert (attention(q, k, v, mask) - want).abs().max().item() <= 5e-7  # measured: ≤ 2.4e-7
-    assert torch.equal(sdpa_attention(q, k, v, mask), want if T > 1 else attention(q, k, v, mask))
+    got = sdpa_attention(q, k, v, mask)  # SDPA for T > 1, the regrouping for decoding
+    assert torch.equal(got, want if T > 1 else grouped_attention(q, k, v, mask))
+
+
+@pytest.mark.parametrize("T, S", [(1, 9), (6, 6), (3, 10)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_regrouped_attention_equals_plain(T, S, padded):
+    """fast.grouped_attention stacks each KV head's query heads instead of repeating K and V:
+    the same products, so the same numbers up to summation order."""
+    q, k, v, mask = attention_inputs(T, S, padded)
+    want = attention(q, k, v, mask)
+    got = grouped_attention(q, k, v, mask)
+    assert (got - want).abs().max().item() <= 5e-7  # measured: ≤ 3.6e-7
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +157,41 @@ def test_hooks_do_not_depend_on_the_attention_kernel():
     plain = counted(model, x)
     use_fast_paths(model)
     assert counted(model, x) == plain
+
+
+# ----------------------------------------------------------------------------- the table of rules
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hooks_in_model() -> list[tuple[str, str]]:
+    """(function, rule comment) of every FLOP hook line of qwen_min/model.py, the function
+    as `Class.method` or `function`."""
+    where, hooks = {}, []
+    for line in (ROOT / "qwen_min" / "model.py").read_text().splitlines():
+        if m := re.match(r"(class|def|    def) (\w+)", line):
+            kind, name = m.groups()
+            where = {"class": {"class": name}, "def": {"def": name}}.get(kind, where)
+            if kind == "    def":
+                where = {"class": where.get("class"), "def": f"{where.get('class')}.{name}"}
+        elif m := re.search(r"\badd_(?:matmul_)?flops\(.*#\s*(.+)$", line):
+            hooks.append((where["def"], m.group(1)))
+    return hooks
+
+
+def rules_in_docs() -> list[tuple[str, str]]:
+    """(hook, rule) of every row of docs/flops.md's table of rules."""
+    text = (ROOT / "docs" / "flops.md").read_text()
+    table = text[text.index("| counter | hook"):].split("\n\n")[0].splitlines()[2:]
+    return [(cells[2].strip(" `"), cells[3].strip()) for cells in (r.split("|") for r in table)]
+
+
+def test_the_table_of_rules_is_what_the_hooks_say():
+    """docs/flops.md derives each rule once; every hook line in model.py carries that rule as
+    its comment: the same (hook, rule) pairs, as many of each, on both sides."""
+    hooks = hooks_in_model()
+    assert len(hooks) == 16 and ("RMSNorm.forward", "4d + 12 per row") in hooks
+    assert Counter(hooks) == Counter(rules_in_docs())
 
 
 # ----------------------------------------------------------------------------- FlopCounterMode

@@ -3,6 +3,8 @@ fill, and its FLOPs (hooks == flops.generation_flops), on random-weight tiny mod
 
 from __future__ import annotations
 
+import doctest
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,8 @@ from qwen_min import (
     load_model,
     load_tokenizer,
 )
-from qwen_min.generate import Sampler, sample_tokens, stream_keys
+from qwen_min.fast import use_fast_paths
+from qwen_min.generate import Sampler, greedy_generate, sample_tokens, stream_keys
 from qwen_min.grammar import LLMTimeGrammar
 
 PAD = data.PAD_ID
@@ -75,6 +78,34 @@ class Steered(torch.nn.Module):
         self.step = 0 if ids.shape[1] > 1 else self.step + 1
         logits = self.model(ids, mask, cache, last_only)  # (R, 1, V)
         return logits + 100.0 * self.bias(ids[:, -1], self.step)[:, None]
+
+
+# ----------------------------------------------------------------------------- greedy_generate
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_generate_gives_the_tokens_of_the_readable_greedy_loop(model, fast):
+    """generate, with all its extras off, against greedy_generate: a left-padded batch of 6
+    prompts, prefilled whole and in parts of 4, with the fast paths in and out."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=g).tolist() for n in (9, 4, 13, 7, 2, 11)]
+    ids, mask = left_pad(prompts)
+    use_fast_paths(model, fast)
+    try:
+        want = greedy_generate(model, ids, mask, 12)
+        for rows in (4, 6):
+            tokens, _ = generate(model, ids, 12, mask, prefill_rows=rows, return_logits=False)
+            assert tokens.tolist() == want.tolist()
+    finally:
+        use_fast_paths(model)
+    assert want.shape == (6, 12) and len(set(want.flatten().tolist())) > 6  # not one token
+
+
+def test_greedy_generate_docstring_example_runs(model):
+    [example] = doctest.DocTestFinder().find(greedy_generate, globs={"torch": torch,
+                                             "model": model, "greedy_generate": greedy_generate})
+    result = doctest.DocTestRunner().run(example)
+    assert (result.attempted, result.failed) == (3, 0)
 
 
 # ----------------------------------------------------------------------------- grammar

@@ -18,15 +18,17 @@ def hf_logits(hf, ids, mask=None):
         return hf(input_ids=ids, attention_mask=mask).logits
 
 
-def test_tiny_logits_match_transformers_fp32(tiny):
+@pytest.mark.parametrize("fast", [True, False])
+def test_tiny_logits_match_transformers_fp32(tiny, fast):
+    """load_model's fast paths, and the plain path of model.py that the guide traces."""
     hf, path = tiny
-    ours = load_model(path)
+    ours = use_fast_paths(load_model(path), fast)
     ids = torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf_logits(hf, ids)
         diff = (ours(ids) - want).abs().max().item()
     assert want.std() > 1.0  # logits far from zero, so the bound below means something
-    print(f"tiny config max abs logit diff: {diff:.3e}")
+    print(f"tiny config max abs logit diff (fast paths {fast}): {diff:.3e}")
     assert diff <= 1e-5, diff
 
 

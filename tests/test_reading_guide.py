@@ -1,13 +1,14 @@
-"""docs/reading-guide.md cannot drift: every number and shape it quotes is computed here.
+"""docs/reading-guide.md runs: its code is a doctest, executed here, so every shape and number
+it shows is what the line before it prints, and a single edited output fails.
 
-The guide traces `model(ids)` for ids [[15, 11, 16]] through Qwen2.5-0.5B. The same pass runs
-here through the plain path, in bf16 with uninitialised weights (the values do not matter:
-shapes and FLOP counts depend on the shapes only), with every op's shapes recorded; then LoRA
-(rank 8, q_proj and v_proj) is applied for the LoRA numbers.
+The guide builds Qwen2.5-0.5B with random bf16 weights (1 GB, on the CPU) and traces one
+3-token pass through the plain path. The doctest runs once per session, with the shapes of
+every tensor a torch function sees recorded, for the checks of the prose below.
 """
 
 from __future__ import annotations
 
+import doctest
 import re
 from functools import cache
 from pathlib import Path
@@ -16,12 +17,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import flops
-import qwen_min.model as qm
-from lora import apply_lora
-from qwen_min import Qwen2Config, Qwen2ForCausalLM, count_flops
-from qwen_min.loading import no_embedding_init
+from qwen_min import Qwen2Config
 
-GUIDE = (Path(__file__).resolve().parent.parent / "docs" / "reading-guide.md").read_text()
+PATH = Path(__file__).resolve().parent.parent / "docs" / "reading-guide.md"
+GUIDE = PATH.read_text()
 
 
 class Shapes(TorchFunctionMode):
@@ -40,59 +39,56 @@ class Shapes(TorchFunctionMode):
 
 
 @cache
-def traced() -> dict:
-    cfg = Qwen2Config()
-    with torch.device("meta"), no_embedding_init():
-        model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
-    model.to_empty(device="cpu").tie_weights()  # 1 GB, not filled
-    ids = torch.tensor([[15, 11, 16]])
-    attention_calls, counted = [], qm.add_attention_flops
-    qm.add_attention_flops = lambda *a: attention_calls.append(a) or counted(*a)
-    try:
-        with torch.no_grad(), Shapes() as shapes, count_flops() as c:
-            model(ids)
-    finally:
-        qm.add_attention_flops = counted
-    trainable = apply_lora(model, rank=8)
-    with torch.no_grad(), Shapes() as lora_shapes:
-        model(ids)
-    params = {tuple(p.shape) for p in model.parameters()}
-    return dict(cfg=cfg, counted=c, shapes=shapes.seen | lora_shapes.seen | params,
-                trainable=trainable, attention_call=attention_calls[0])
+def run_guide() -> tuple[doctest.TestResults, str, set[tuple[int, ...]]]:
+    """(doctest results, the runner's report of failures, the shapes the guide's code saw)."""
+    test = doctest.DocTestParser().get_doctest(GUIDE, {}, PATH.name, str(PATH), 0)
+    report: list[str] = []
+    runner = doctest.DocTestRunner(optionflags=doctest.REPORT_NDIFF)
+    # the guide turns autograd off and seeds torch: both are put back afterwards
+    with torch.random.fork_rng(), torch.enable_grad(), Shapes() as shapes:
+        result = runner.run(test, out=report.append)
+    return result, "".join(report), shapes.seen
+
+
+def test_the_guide_runs_and_prints_what_it_shows():
+    result, report, _ = run_guide()
+    assert result.failed == 0, report
+    assert result.attempted >= 60  # every `>>>` line of the guide
 
 
 def test_the_guide_quotes_exactly_the_computed_numbers():
-    t = traced()
-    cfg, c = t["cfg"], t["counted"]
-    closed = flops.forward_flops(cfg, 1, 3)  # the command the guide prints
-    assert dict(c) == closed  # the hooks of the traced pass agree with the closed form
-    d, V = cfg.hidden_size, cfg.vocab_size
-    want = {c.total, c["q_proj"], c["lm_head"], t["trainable"], V, 2 * d - 1}
+    """The numbers with thousands separators: the FLOPs of the pass (closed form, and worked by
+    hand), and LoRA's trainable count; nowhere else a number that was not computed."""
+    cfg = Qwen2Config()
+    closed = flops.forward_flops(cfg, 1, 3)
+    d, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    trainable = L * 8 * ((d + d) + (d + kv))  # rank 8: A (8, d_in) and B (d_out, 8), q and v
+    want = {sum(closed.values()), closed["q_proj"], closed["lm_head"], trainable, V, 2 * d - 1}
     assert want == {2_969_045_556, 115_540_992, 816_352_128, 540_672, 151_936, 1_791}
+    assert closed["q_proj"] == L * 3 * d * (2 * d - 1) and closed["lm_head"] == 3 * V * (2 * d - 1)
     quoted = {int(n.replace(",", "")) for n in re.findall(r"\d{1,3}(?:,\d{3})+", GUIDE)}
     assert quoted == want
-    assert c["q_proj"] == cfg.num_hidden_layers * 3 * d * (2 * d - 1)  # the guide's derivation
-    assert c["lm_head"] == 3 * V * (2 * d - 1)
 
 
-def test_the_guide_quotes_only_shapes_of_the_pass():
-    t = traced()
-    # every "(a, b, ...)" of integers, but the dimensions of .transpose(1, 2) and the call below
-    quoted = {tuple(int(x) for x in m.split(", ")) for m in
-              re.findall(r"(?<!transpose)(?<!add_attention_flops)\((\d+(?:, \d+)+)\)", GUIDE)}
-    assert len(quoted) >= 15  # the table's shapes, and LoRA's
-    assert quoted - t["shapes"] == set()
-    B, nh, T, S, hd = t["attention_call"]
-    assert f"`add_attention_flops({B}, {nh}, {T}, {S}, {hd})`" in GUIDE
-    # the attention's inner shapes, which the guide shows step by step
-    assert {(1, 2, 21, 64), (1, 2, 21, 3), (1, 2, 7, 3, 3), (1, 1, 3, 3)} <= quoted
+def test_the_guide_shows_only_shapes_of_the_pass():
+    """Every shape the guide shows, printed (`torch.Size([...])`) or in the prose, is one that
+    its code computed; and the attention's inner shapes are all shown."""
+    _, _, seen = run_guide()
+    sizes = {tuple(int(x) for x in m.split(", ")) for m in
+             re.findall(r"torch\.Size\(\[(\d+(?:, \d+)*)\]\)", GUIDE)}
+    prose = re.sub(r"```.*?```", "", GUIDE, flags=re.S)
+    in_prose = {tuple(int(x) for x in m.split(", ")) for m in
+                re.findall(r"\((\d+(?:, \d+)+)\)", prose)}
+    assert len(sizes) >= 12
+    assert (sizes | in_prose) - seen == set()
+    assert {(1, 1, 3, 3), (1, 14, 3, 64), (1, 2, 3, 64), (1, 14, 3, 3), (1, 3, 8)} <= sizes
 
 
 def test_the_guide_quotes_the_config():
     cfg = Qwen2Config()
-    line = (f"d = `hidden_size` {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+    line = (f"d = {cfg.hidden_size}, {cfg.num_hidden_layers} layers, MLP width f = "
+            f"{cfg.intermediate_size}, vocabulary V = {cfg.vocab_size}; "
             f"{cfg.num_attention_heads} query heads and {cfg.num_key_value_heads} key/value heads "
-            f"of `head_dim` {cfg.hidden_size} / {cfg.num_attention_heads} = {cfg.head_dim}, "
-            f"MLP width f = {cfg.intermediate_size}")  # fmt: skip
+            f"of head_dim {cfg.hidden_size} / {cfg.num_attention_heads} = {cfg.head_dim}")
     assert line in " ".join(GUIDE.split())
-    assert cfg.rope_theta == 10**6 and "θ = 10⁶" in GUIDE
