@@ -764,7 +764,9 @@ def run_evaluation(args: argparse.Namespace) -> int:
             prompt, target, _ = data.forecast_split(
                 s, scaler, args.context_fraction, args.forecast_steps)
             prompts.append(data.tokenize(tokenizer, prompt))
-            targets.append(data.tokenize(tokenizer, target))
+            # the ';' that ends the last value is scored too, as every other value's end is (at
+            # 0 decimals a digit may follow the last one instead, so that ';' costs nats)
+            targets.append(data.tokenize(tokenizer, target + ";"))
         try:
             values, texts, tf_ce, gen_ce, nats, counted = forecast_with_model(
                 args, model, tokenizer, scaler, prompts, targets, device, dtype, out)

@@ -360,12 +360,12 @@ def evaluation_price(
 class Evaluation:
     """One evaluation of a plan, priced by `evaluation_price`. LLMTIME at 2 decimals: 70
     context steps of 10 tokens (the last ';' included) when every value is < 10, 10 forecast
-    steps, targets of 10 tokens a step without the final ';'."""
+    steps, targets of 10 tokens a step (the last ';' included: NLL/D scores it)."""
 
     series: int = 150
     prompt_len: int = 700
     forecast_steps: int = 10
-    target_len: int = 99
+    target_len: int = 100
     decimals: int = 2
     samples: int = 0
     top_p: float = 1.0

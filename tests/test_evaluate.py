@@ -79,7 +79,7 @@ def stub_generate(tokenizer, texts: list[str], boost: dict[int, list[int]] | Non
 
 GREEDY_TEXTS = ["7.50,9.99;8.00,9.49;9.00,9.99;",  # errors: prey +1 at step 0, predator −1 at 1
                 "7.00,9.99;8.00;9.50,9.99;"]  # step 1 does not parse; prey +1 at step 2
-TARGET = "7.00,9.99;8.00,9.99;9.00,9.99"
+TARGET = "7.00,9.99;8.00,9.99;9.00,9.99;"  # as scored: the last value's ';' included
 # the HDF5 file holds float32: 19.98 is stored as 19.9799995…, so α = 1.99999995…; measured
 # relative differences from the exact hand values: at most 5e-7
 REL = 2e-6
@@ -92,7 +92,7 @@ def test_metrics_as_numbers(setup, tmp_path, monkeypatch):
     1 has 0.5 at (step 2, prey) and step 1 unparsed. Over the 10 parsed values: MSE 4·0.25/…
     = 0.75/10, MAE 1.5/10; in original units ×4 and ×2. Filled: series 1's step 1 becomes
     persistence (12, 19.98) against (16, 19.98): scaled error 2, so (0.75 + 4) / 12.
-    generation_ce: series 0's logits give the true token probability ½ at each of the 29
+    generation_ce: series 0's logits give the true token probability ½ at each of the 30
     target positions (ln 2); series 1's are uniform (ln V)."""
     ckpt, h5, tokenizer = setup
     V = 151936
@@ -317,12 +317,12 @@ def test_ledger_equals_the_closed_form(setup, adapter, tmp_path, monkeypatch):
             **lora)
     assert sum(r["flops"] for r in records) == m["flops"] > 0
     # every series the same: 7 context steps of 12 tokens ("0.000,9.990;"), 2·(3+1+3)+2
-    # generated, 12 − 1 target tokens
+    # generated, 12 target tokens (its ';' included)
     assert {(r["prompt_len"], r["new_tokens"])
-            for r in records} == {(84, 16)} and records[0]["target_lens"] == [11, 11]
+            for r in records} == {(84, 16)} and records[0]["target_lens"] == [12, 12]
     plan = flops.Plan(runs=(flops.Run("eval", steps=0, seq_len=0, rank=2),),
                       evaluation=flops.Evaluation(series=3, prompt_len=84, forecast_steps=1,
-                                                  target_len=11, decimals=3))
+                                                  target_len=12, decimals=3))
     assert flops.plan_flops(plan, cfg, lora_targets=lora["lora_targets"])["total"] == m["flops"]
     reservation = ledger.read_ledger(tmp_path / "ledger.jsonl", reservations=True)[0]
     assert (reservation["kind"], reservation["reserved"]) == ("reservation", m["flops"])
