@@ -250,11 +250,12 @@ def generation_flops(
 
 def sampling_flops(rows: int, vocab_size: int, top_p: float = 1.0) -> int:
     """Choosing one sampled token for each of `rows` rows from V = vocab_size candidate logits:
-    z = logits / temperature (V divides); with top_p < 1 the nucleus: softmax (12V − 1), cumsum
-    (V − 1 adds) and the mass before each token (V subtracts); Gumbel-max: u from the hash
-    (+ 0.5, × 2⁻²³), −log(−log u) (2 logs, 2 negates): 24 per logit, then z + g (V adds)."""
+    z = (logits − their max) / temperature (V subtracts, V divides; the max compares only); with
+    top_p < 1 the nucleus: softmax (12V − 1), cumsum (V − 1 adds) and the mass before each token
+    (V subtracts); Gumbel-max: u from the hash (+ 0.5, × 2⁻²³), −log(−log u) (2 logs, 2
+    negates): 24 per logit, then z + g (V adds)."""
     V = vocab_size
-    per_row = V + 24 * V + V
+    per_row = 2 * V + 24 * V + V
     if top_p < 1.0:
         per_row += (12 * V - 1) + (V - 1) + V
     return rows * per_row
