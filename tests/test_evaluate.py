@@ -188,6 +188,46 @@ def test_baseline_run_same_outputs_and_a_zero_flop_record(setup, tmp_path):
                    "2.33] | 1 [1, 1] | -1.456 [-1.46, -1.46] | 1 [1, 1] | — | 0 | — | — |")
 
 
+@pytest.mark.parametrize("name, steps", [
+    *((name, steps) for name in ("persistence", "context-mean", "linear", "lv-fit")
+      for steps in (0, 1, 2)),
+    (None, 0)])  # fmt: skip
+def test_short_contexts_forecast_or_are_one_line_errors(setup, tmp_path, capsys, name, steps):
+    """Contexts of 0, 1 and 2 of the 10 steps (--context-fraction 0.04, 0.1, 0.2): prey 2t,
+    predator 19.98. A forecaster that cannot use the context refuses in one line, exit 2 (None:
+    the model, as a baseline does); each baseline that can forecasts 3 steps from it (linear
+    through 1 step: flat)."""
+    fraction = {0: "0.04", 1: "0.1", 2: "0.2"}[steps]
+    flags = ["--baseline", name] if name else []
+    code = evaluate.main(base_args(setup, tmp_path, *flags, "--context-fraction", fraction,
+                                   "--plot-series", "0"))
+    need = 3 if name == "lv-fit" else 1
+    if steps < need:
+        who = f"baseline {name}" if name else "the model"
+        assert code == 2
+        assert capsys.readouterr().err == (
+            f"error: --context-fraction {float(fraction)} gives a {steps}-step context (of 10 "
+            f"steps); {who} needs at least {need}: raise --context-fraction to at least "
+            f"{need / 10:g}\n")
+        return
+    assert code == 0
+    predator = float(np.float32(19.98))  # as the HDF5 file holds it
+    prey = {(1, "persistence"): [0, 0, 0], (1, "context-mean"): [0, 0, 0],
+            (1, "linear"): [0, 0, 0], (2, "persistence"): [2, 2, 2],
+            (2, "context-mean"): [1, 1, 1], (2, "linear"): [4, 6, 8]}[steps, name]
+    forecasts = np.load(tmp_path / "eval" / "forecasts.npz")["forecasts"]
+    np.testing.assert_array_equal(forecasts, [[[p, predator] for p in prey]] * 2)
+
+
+def test_lv_fit_backtests_only_a_context_it_can_fit(setup, tmp_path):
+    """A 5-step context and 3 forecast steps leave 2 steps before the held-out ones, too few
+    for lv-fit (baselines.MIN_CONTEXT: 3): it forecasts without a backtest, not a traceback."""
+    assert evaluate.main(base_args(setup, tmp_path, "--baseline", "lv-fit", "--context-fraction",
+                                   "0.5", "--plot-series", "0")) == 0
+    forecasts = np.load(tmp_path / "eval" / "forecasts.npz")["forecasts"]
+    assert forecasts.shape == (2, 3, 2) and np.isfinite(forecasts).all()
+
+
 def test_baseline_info_averages_measures_and_counts_categories():
     """lv-fit's residual is a measure (its mean is meaningful); its winning start is a
     category (−1 the context mean, 0 the regression guess, 1… the grid), so metrics.json
