@@ -15,6 +15,8 @@ each run in the FLOP ledger with 0 FLOPs.
                        dx/dt = a·x − b·x·y        x = prey
                        dy/dt = c·x·y − d·y        y = predator
 
+Each forecasts from a context of one step or more, but lv-fit, which needs 3 (MIN_CONTEXT).
+
 lv-fit is the one baseline that knows the physics: on clean simulated data it recovers the
 simulator's parameters and its forecast is nearly exact, so it shows how close to exact a
 forecaster can get there. How it fits (details in `fit_starts`):
@@ -44,6 +46,10 @@ import numpy as np
 import torch
 
 NAMES = ("persistence", "context-mean", "linear", "lv-fit")
+# The fewest context steps each baseline forecasts from. One step is enough for the first three
+# (linear's line through one point has slope 0: persistence); lv-fit fits 6 unknowns, (a, b, c,
+# d) and the first state, which fewer than 3 steps (6 values) cannot determine.
+MIN_CONTEXT = {"persistence": 1, "context-mean": 1, "linear": 1, "lv-fit": 3}
 
 
 @dataclass
@@ -77,12 +83,13 @@ def linear(
 
     The default, every context step, scored best on the training split of the default data
     (scaled MSE 0.38 at k = 70 = C; 0.77 at 20, 1.96 at 10, 3.46 at 2): the cycles are only
-    6–30 steps long, so a line through the last few steps runs straight out of a turn.
+    6–30 steps long, so a line through the last few steps runs straight out of a turn. Through
+    one step (k = 1, or a 1-step context) the line is flat: the last value, as persistence.
     """
     if k is None:
         k = context.shape[1]
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise ValueError(f"baseline 'linear': option k must be an integer ≥ 2, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"baseline 'linear': option k must be an integer ≥ 1, got {k!r}")
     k = min(k, context.shape[1])
     t = time[context.shape[1] - k : context.shape[1]]  # (k,) times of the fitted steps
     y = context[:, -k:]  # (N, k, 2)
@@ -407,6 +414,9 @@ def forecast(
     steps = context.shape[1] + horizon if context.ndim == 3 and isinstance(horizon, int) else 0
     time = np.arange(steps, dtype=np.float64) if time is None else np.asarray(time, np.float64)
     check_inputs(context, horizon, time)
+    if context.shape[1] < MIN_CONTEXT[name]:
+        raise ValueError(f"baseline {name!r}: needs a context of at least {MIN_CONTEXT[name]} "
+                         f"steps, got {context.shape[1]}")
     threads = torch.get_num_threads()
     # the baselines' tensors are small and element-wise: OpenMP's hand-off between threads costs
     # more than the work (exp of 14,000 float64 values took 27 ms on 2 threads and 0.03 ms on 1

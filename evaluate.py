@@ -245,6 +245,19 @@ def base_model_problem(args: argparse.Namespace, model, metadata: dict) -> str |
     return f"{message}; evaluate it with that model, or pass --force to evaluate anyway"
 
 
+def context_problem(args: argparse.Namespace, context_steps: int, series_steps: int
+                    ) -> str | None:
+    """A one-line refusal when the context is shorter than the forecaster needs: the model one
+    step (a prompt), a baseline baselines.MIN_CONTEXT; None when it is long enough."""
+    need = baselines.MIN_CONTEXT[args.baseline] if args.baseline else 1
+    if context_steps >= need:
+        return None
+    who = f"baseline {args.baseline}" if args.baseline else "the model"
+    return (f"--context-fraction {args.context_fraction} gives a {context_steps}-step context "
+            f"(of {series_steps} steps); {who} needs at least {need}: raise --context-fraction "
+            f"to at least {need / series_steps:g}")
+
+
 def fill_encoding_defaults(args: argparse.Namespace) -> None:
     for key, value in ENCODING_DEFAULTS.items():
         if getattr(args, key) is None:
@@ -481,9 +494,9 @@ def backtest_errors(args, series, time, context_steps: int) -> np.ndarray | None
     """(N, steps, 2) the baseline's errors, original units, when it forecasts each context's
     last --forecast-steps steps from the steps before them: its density's σ is fitted on these
     (metrics.backtest_sigma), so no held-out step is seen. None when the context is too short
-    to hold them out (fewer than 2 steps would remain)."""
+    to hold them out (fewer steps would remain than the baseline needs: MIN_CONTEXT)."""
     start = context_steps - args.forecast_steps
-    if start < 2:
+    if start < baselines.MIN_CONTEXT[args.baseline]:
         return None
     res = baselines.forecast(args.baseline, series[:, :start], args.forecast_steps,
                              time=time[:context_steps])
@@ -748,6 +761,8 @@ def run_evaluation(args: argparse.Namespace) -> int:
     indices = split[args.split][: args.limit]
     series = trajectories[indices]
     context_steps = int(round(args.context_fraction * series.shape[1]))
+    if problem := context_problem(args, context_steps, series.shape[1]):
+        return fail(problem)
     if context_steps + args.forecast_steps > series.shape[1]:
         return fail(f"--forecast-steps {args.forecast_steps} runs past the series "
                     f"({series.shape[1]} steps, {context_steps} of them context)")
@@ -764,7 +779,9 @@ def run_evaluation(args: argparse.Namespace) -> int:
             prompt, target, _ = data.forecast_split(
                 s, scaler, args.context_fraction, args.forecast_steps)
             prompts.append(data.tokenize(tokenizer, prompt))
-            targets.append(data.tokenize(tokenizer, target))
+            # the ';' that ends the last value is scored too, as every other value's end is (at
+            # 0 decimals a digit may follow the last one instead, so that ';' costs nats)
+            targets.append(data.tokenize(tokenizer, target + ";"))
         try:
             values, texts, tf_ce, gen_ce, nats, counted = forecast_with_model(
                 args, model, tokenizer, scaler, prompts, targets, device, dtype, out)

@@ -238,11 +238,12 @@ def generation_flops(
 
 def sampling_flops(rows: int, vocab_size: int, top_p: float = 1.0) -> int:
     """Choosing one sampled token for each of `rows` rows from V = vocab_size candidate logits:
-    z = logits / temperature (V divides); with top_p < 1 the nucleus: softmax (12V − 1), cumsum
-    (V − 1 adds) and the mass before each token (V subtracts); Gumbel-max: u from the hash
-    (+ 0.5, × 2⁻²³), −log(−log u) (2 logs, 2 negates): 24 per logit, then z + g (V adds)."""
+    z = (logits − their max) / temperature (V subtracts, V divides; the max compares only); with
+    top_p < 1 the nucleus: softmax (12V − 1), cumsum (V − 1 adds) and the mass before each token
+    (V subtracts); Gumbel-max: u from the hash (+ 0.5, × 2⁻²³), −log(−log u) (2 logs, 2
+    negates): 24 per logit, then z + g (V adds)."""
     V = vocab_size
-    per_row = V + 24 * V + V
+    per_row = 2 * V + 24 * V + V
     if top_p < 1.0:
         per_row += (12 * V - 1) + (V - 1) + V
     return rows * per_row
@@ -348,12 +349,12 @@ def evaluation_price(
 class Evaluation:
     """One evaluation of a plan, priced by `evaluation_price`. LLMTIME at 2 decimals: 70
     context steps of 10 tokens (the last ';' included) when every value is < 10, 10 forecast
-    steps, targets of 10 tokens a step without the final ';'."""
+    steps, targets of 10 tokens a step (the last ';' included: NLL/D scores it)."""
 
     series: int = 150
     prompt_len: int = 700
     forecast_steps: int = 10
-    target_len: int = 99
+    target_len: int = 100
     decimals: int = 2
     samples: int = 0
     top_p: float = 1.0

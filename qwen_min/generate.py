@@ -269,8 +269,13 @@ def sample_tokens(scores: torch.Tensor, keys: torch.Tensor, token_ids: torch.Ten
 
     scores (R, C) are the logits of the tokens `token_ids` (C,); returns (R,) token ids."""
     R, V = scores.shape
-    add_flops("sample_temperature", R * V)  # one divide per logit
-    z = scores / temperature
+    add_flops("sample_temperature", 2 * R * V)  # minus the row's max, then divide: 2 per logit
+    # why the shift: scores / 1e-45 overflows fp32 to ±inf, and an argmax among tied infinities
+    # can return a token the grammar forbids. Shifted, a row's softmax is the same, its largest
+    # score is exactly 0 at any T (T → 0 draws greedy's token, T → ∞ uniformly among the allowed
+    # ones); T is held in the dtype's finite normal range (in fp32 1e-46 is 0 and 1e45 is inf)
+    finite = torch.finfo(scores.dtype)
+    z = (scores - scores.amax(-1, keepdim=True)) / min(max(temperature, finite.tiny), finite.max)
     if top_p < 1.0:
         z = nucleus(z, top_p)
     g = gumbel_noise(keys, token_ids)

@@ -104,11 +104,41 @@ def test_lv_fit_batched_equals_one_series_at_a_time(simulated):
     np.testing.assert_allclose(batch.info["params"][1], alone.info["params"][0], rtol=1e-9)
 
 
+SHORT = np.array([[[1.0, 4.0], [3.0, 2.0]], [[2.0, 0.0], [2.0, 6.0]]])  # (2 series, 2 steps, 2)
+SHORT_FORECASTS = {  # 3 steps from the first 1 or from both context steps (time 0, 1, 2, …)
+    1: {name: np.repeat(SHORT[:, :1], 3, 1) for name in ("persistence", "context-mean", "linear")},
+    2: {"persistence": np.repeat(SHORT[:, 1:], 3, 1),
+        "context-mean": np.full((2, 3, 2), [2.0, 3.0]),
+        # the line through the 2 steps at t = 2, 3, 4: prey 1, 3 → 5, 7, 9; predator 4, 2 → 0,
+        # −2, −4, clipped at 0; series 1: prey flat at 2, predator 0, 6 → 12, 18, 24
+        "linear": np.array([[[5.0, 0.0], [7.0, 0.0], [9.0, 0.0]],
+                            [[2.0, 12.0], [2.0, 18.0], [2.0, 24.0]]])},
+}
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2])
+@pytest.mark.parametrize("name", baselines.NAMES)
+def test_short_contexts_forecast_exactly_or_are_refused(name, steps):
+    """0 steps: no baseline forecasts. 1 step: persistence, context-mean and linear (slope 0)
+    repeat it. 2 steps: each its own exact forecast. lv-fit refuses fewer than 3 steps."""
+    context = SHORT[:, :steps]
+    if steps == 0 or name == "lv-fit":
+        with pytest.raises(ValueError) as error:
+            baselines.forecast(name, context, 3)
+        assert str(error.value) == (
+            "baselines: context must be (series, steps, 2) with at least one of each, got shape "
+            "(2, 0, 2)" if steps == 0 else
+            f"baseline 'lv-fit': needs a context of at least 3 steps, got {steps}")
+    else:
+        forecasts = baselines.forecast(name, context, 3).forecasts
+        np.testing.assert_array_equal(forecasts, SHORT_FORECASTS[steps][name])
+
+
 ONE_LINE_ERRORS = [  # (baseline, what differs from a valid call, the exact message)
     ("arima", {},
      "unknown baseline 'arima'; choose one of persistence, context-mean, linear, lv-fit"),
     ("linear", {"window": 3}, "baseline 'linear': unknown option(s) window; it takes k"),
-    ("linear", {"k": 1}, "baseline 'linear': option k must be an integer ≥ 2, got 1"),
+    ("linear", {"k": 0}, "baseline 'linear': option k must be an integer ≥ 1, got 0"),
     ("persistence", {"context": np.ones((3, 2))},
      "baselines: context must be (series, steps, 2) with at least one of each, got shape (3, 2)"),
     ("persistence", {"context": -np.ones((1, 3, 2))},

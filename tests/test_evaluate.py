@@ -79,7 +79,7 @@ def stub_generate(tokenizer, texts: list[str], boost: dict[int, list[int]] | Non
 
 GREEDY_TEXTS = ["7.50,9.99;8.00,9.49;9.00,9.99;",  # errors: prey +1 at step 0, predator −1 at 1
                 "7.00,9.99;8.00;9.50,9.99;"]  # step 1 does not parse; prey +1 at step 2
-TARGET = "7.00,9.99;8.00,9.99;9.00,9.99"
+TARGET = "7.00,9.99;8.00,9.99;9.00,9.99;"  # as scored: the last value's ';' included
 # the HDF5 file holds float32: 19.98 is stored as 19.9799995…, so α = 1.99999995…; measured
 # relative differences from the exact hand values: at most 5e-7
 REL = 2e-6
@@ -92,7 +92,7 @@ def test_metrics_as_numbers(setup, tmp_path, monkeypatch):
     1 has 0.5 at (step 2, prey) and step 1 unparsed. Over the 10 parsed values: MSE 4·0.25/…
     = 0.75/10, MAE 1.5/10; in original units ×4 and ×2. Filled: series 1's step 1 becomes
     persistence (12, 19.98) against (16, 19.98): scaled error 2, so (0.75 + 4) / 12.
-    generation_ce: series 0's logits give the true token probability ½ at each of the 29
+    generation_ce: series 0's logits give the true token probability ½ at each of the 30
     target positions (ln 2); series 1's are uniform (ln V)."""
     ckpt, h5, tokenizer = setup
     V = 151936
@@ -186,6 +186,46 @@ def test_baseline_run_same_outputs_and_a_zero_flop_record(setup, tmp_path):
     # two identical series: every resample gives the same mean, so each interval is a point
     assert row == (f"| {tmp_path / 'eval'} | 2 | baseline | 2.333 [2.33, 2.33] | 2.333 [2.33, "
                    "2.33] | 1 [1, 1] | -1.456 [-1.46, -1.46] | 1 [1, 1] | — | 0 | — | — |")
+
+
+@pytest.mark.parametrize("name, steps", [
+    *((name, steps) for name in ("persistence", "context-mean", "linear", "lv-fit")
+      for steps in (0, 1, 2)),
+    (None, 0)])  # fmt: skip
+def test_short_contexts_forecast_or_are_one_line_errors(setup, tmp_path, capsys, name, steps):
+    """Contexts of 0, 1 and 2 of the 10 steps (--context-fraction 0.04, 0.1, 0.2): prey 2t,
+    predator 19.98. A forecaster that cannot use the context refuses in one line, exit 2 (None:
+    the model, as a baseline does); each baseline that can forecasts 3 steps from it (linear
+    through 1 step: flat)."""
+    fraction = {0: "0.04", 1: "0.1", 2: "0.2"}[steps]
+    flags = ["--baseline", name] if name else []
+    code = evaluate.main(base_args(setup, tmp_path, *flags, "--context-fraction", fraction,
+                                   "--plot-series", "0"))
+    need = 3 if name == "lv-fit" else 1
+    if steps < need:
+        who = f"baseline {name}" if name else "the model"
+        assert code == 2
+        assert capsys.readouterr().err == (
+            f"error: --context-fraction {float(fraction)} gives a {steps}-step context (of 10 "
+            f"steps); {who} needs at least {need}: raise --context-fraction to at least "
+            f"{need / 10:g}\n")
+        return
+    assert code == 0
+    predator = float(np.float32(19.98))  # as the HDF5 file holds it
+    prey = {(1, "persistence"): [0, 0, 0], (1, "context-mean"): [0, 0, 0],
+            (1, "linear"): [0, 0, 0], (2, "persistence"): [2, 2, 2],
+            (2, "context-mean"): [1, 1, 1], (2, "linear"): [4, 6, 8]}[steps, name]
+    forecasts = np.load(tmp_path / "eval" / "forecasts.npz")["forecasts"]
+    np.testing.assert_array_equal(forecasts, [[[p, predator] for p in prey]] * 2)
+
+
+def test_lv_fit_backtests_only_a_context_it_can_fit(setup, tmp_path):
+    """A 5-step context and 3 forecast steps leave 2 steps before the held-out ones, too few
+    for lv-fit (baselines.MIN_CONTEXT: 3): it forecasts without a backtest, not a traceback."""
+    assert evaluate.main(base_args(setup, tmp_path, "--baseline", "lv-fit", "--context-fraction",
+                                   "0.5", "--plot-series", "0")) == 0
+    forecasts = np.load(tmp_path / "eval" / "forecasts.npz")["forecasts"]
+    assert forecasts.shape == (2, 3, 2) and np.isfinite(forecasts).all()
 
 
 def test_baseline_info_averages_measures_and_counts_categories():
@@ -317,12 +357,12 @@ def test_ledger_equals_the_closed_form(setup, adapter, tmp_path, monkeypatch):
             **lora)
     assert sum(r["flops"] for r in records) == m["flops"] > 0
     # every series the same: 7 context steps of 12 tokens ("0.000,9.990;"), 2·(3+1+3)+2
-    # generated, 12 − 1 target tokens
+    # generated, 12 target tokens (its ';' included)
     assert {(r["prompt_len"], r["new_tokens"])
-            for r in records} == {(84, 16)} and records[0]["target_lens"] == [11, 11]
+            for r in records} == {(84, 16)} and records[0]["target_lens"] == [12, 12]
     plan = flops.Plan(runs=(flops.Run("eval", steps=0, seq_len=0, rank=2),),
                       evaluation=flops.Evaluation(series=3, prompt_len=84, forecast_steps=1,
-                                                  target_len=11, decimals=3))
+                                                  target_len=12, decimals=3))
     assert flops.plan_flops(plan, cfg, lora_targets=lora["lora_targets"])["total"] == m["flops"]
     reservation = ledger.read_ledger(tmp_path / "ledger.jsonl", reservations=True)[0]
     assert (reservation["kind"], reservation["reserved"]) == ("reservation", m["flops"])

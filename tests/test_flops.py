@@ -278,7 +278,8 @@ def test_plan_equals_running_it():
     # an evaluation is the generation plus the teacher-forced pass and both cross-entropies
     # (evaluate.py's ledger equals evaluation_flops: tests/test_evaluate.py)
     # NLL/D's grammar cross-entropy at 0 decimals runs over the 12 tokens without '.'
-    evaluation = flops.evaluation_flops(cfg, 1, 6, 8, [99], 2, flops.DEFAULT_TARGETS,
+    # (target_len: the default 100, 10 tokens a step, the last value's ';' included)
+    evaluation = flops.evaluation_flops(cfg, 1, 6, 8, [100], 2, flops.DEFAULT_TARGETS,
                                         grammar_tokens=12)
     assert evaluation > c.total
     assert result["eval_flops"] == 2 * 5 * evaluation

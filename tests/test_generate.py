@@ -258,6 +258,31 @@ def test_samples_at_temperature_near_zero_equal_greedy(model, tokenizer):
     assert warm.tolist() != greedy.repeat_interleave(2, 0).tolist()
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+def test_extreme_temperatures_keep_to_the_grammar(top_p):
+    """At T = 1e-45 logits / T overflows fp32 (and 1e-46 rounds to 0), at T = 1e45 the
+    temperature itself does; every draw must still be a token the grammar allows in its row's
+    state, and the cold draws greedy's. The logits reach ±30 and some rows are all negative:
+    there, scores / 1e-45 puts every token at −inf, and the argmax of a row of −inf was the
+    first token, allowed or not."""
+    g = LLMTimeGrammar(2)
+    tables = g.tables(512)
+    state = torch.randint(0, len(g.state_names), (64,), generator=torch.Generator().manual_seed(0))
+    logits = 10 * torch.randn(64, 512, generator=torch.Generator().manual_seed(1))
+    logits[::2] = -logits[::2].abs()  # every second row all negative
+    scores = tables.mask(logits, state)
+    greedy = scores.argmax(-1)
+    for temperature in (1e-46, 1e-45, 1e45):
+        for ids in (tables.token_ids, None):  # the grammar's 13 tokens, or all 512
+            sampler = Sampler.for_prompts(torch.tensor([3, 4]), 32, ids, temperature, top_p)
+            drawn = sampler.choose(scores, 5)
+            assert tables.allowed[state, drawn].all()
+            if temperature < 1:
+                assert drawn.tolist() == greedy.tolist()
+            else:  # T = 1e45: every allowed token about equally likely, not only the first
+                assert len(set(drawn.tolist())) >= 8 and drawn.tolist() != greedy.tolist()
+
+
 def test_gumbel_max_draws_from_the_tempered_nucleus():
     scores = torch.tensor([[2.0, 1.0, 0.5, -1.0, float("-inf")]]).expand(40_000, 5)
     keys = stream_keys(torch.full((40_000,), 42), torch.arange(40_000), 0)

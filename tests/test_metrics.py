@@ -131,12 +131,14 @@ def allowed_chars(prefix: str, decimals: int) -> set[str]:
     return (digits if len(value) < 3 else set()) | ends
 
 
-def test_nll_per_dim_equals_an_independent_computation(tiny, tmp_path):
+@pytest.mark.parametrize("decimals", [0, 1, 3])
+def test_nll_per_dim_equals_an_independent_computation(tiny, tmp_path, decimals):
     """evaluate.py's NLL/D against a full forward pass of the transformers model on prompt +
     target, each position's log-softmax restricted to the characters allowed_chars gives, the
-    nats summed over the target, / D values − decimals·ln 10 (+ ln α). Measured |difference|:
-    4.3e-7 (fp32 logits). And the unconstrained variant (full softmax) relates to the
-    teacher-forced CE as nats = CE · tokens, and is never below the grammar's."""
+    nats summed over the target and the ';' that ends its last value (at 0 decimals a digit may
+    follow that value instead, so the ';' has a cost), / D values − decimals·ln 10 (+ ln α).
+    Measured |difference| ≤ 3.3e-7 (fp32 logits). And the unconstrained variant (full softmax)
+    relates to the teacher-forced CE as nats = CE · tokens, and is never below the grammar's."""
     hf, path = tiny
     t = np.arange(16.0)  # short series: an 11-step prompt of ~120 tokens
     series = np.stack([np.stack([5 + 4 * np.sin(t / 3 + k), 6 + 3 * np.cos(t / 4 + k)], 1)
@@ -145,16 +147,18 @@ def test_nll_per_dim_equals_an_independent_computation(tiny, tmp_path):
     out = tmp_path / "eval"
     assert evaluate.main(["--model", str(path), "--data", str(h5), "--out", str(out),
                           "--ledger", str(tmp_path / "ledger.jsonl"), *FAST, "--limit", "2",
-                          "--forecast-steps", "3", "--batch-size", "2", "--plot-series", "0"]) == 0
+                          "--forecast-steps", "3", "--batch-size", "2", "--plot-series", "0",
+                          "--decimals", str(decimals)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     tokenizer = evaluate.load_tokenizer(path)
     trajectories, _ = data.load_trajectories(h5)
-    scaler = data.LLMTimeScaler.fit(trajectories[data.split_indices(10)["train"]], decimals=2)
+    scaler = data.LLMTimeScaler.fit(trajectories[data.split_indices(10)["train"]], decimals)
     with open(out / "per_series.csv") as f:
         tf_ce = [float(r["teacher_forced_ce"]) for r in csv.DictReader(f)]
     grammar_nll, free_nll = [], []
     for i, index in enumerate(data.split_indices(10)["val"][:2]):
         prompt, target, _ = data.forecast_split(trajectories[index], scaler, 0.7, 3)
+        target += ";"  # every value ends with its separator, the last one too
         ids = data.tokenize(tokenizer, prompt + target)
         with torch.no_grad():
             logits = hf(torch.tensor([ids])).logits[0].double()  # (T, V)
@@ -162,12 +166,12 @@ def test_nll_per_dim_equals_an_independent_computation(tiny, tmp_path):
         for j, char in enumerate(target):
             row = logits[len(prompt) + j - 1]  # predicts target character j
             allowed = [data.tokenize(tokenizer, c)[0]
-                       for c in allowed_chars(prompt + target[:j], 2)]
+                       for c in allowed_chars(prompt + target[:j], decimals)]
             nats -= (row[data.tokenize(tokenizer, char)[0]] - row[allowed].logsumexp(0)).item()
             free -= torch.log_softmax(row, 0)[data.tokenize(tokenizer, char)[0]].item()
         assert free == pytest.approx(tf_ce[i] * len(target), rel=1e-5)
-        grammar_nll.append(nats / 6 - 2 * math.log(10))
-        free_nll.append(free / 6 - 2 * math.log(10))
+        grammar_nll.append(nats / 6 - decimals * math.log(10))
+        free_nll.append(free / 6 - decimals * math.log(10))
         assert grammar_nll[-1] < free_nll[-1]
     assert m["nll_per_dim_scaled"] == pytest.approx(np.mean(grammar_nll), abs=2e-6)
     assert m["nll_per_dim"] == pytest.approx(np.mean(grammar_nll) + math.log(scaler.alpha),
