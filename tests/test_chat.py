@@ -143,10 +143,15 @@ def test_penalty_top_k_top_p_chain_keeps_transformers_set():
 
 
 def test_streamed_pieces_concatenate_to_the_one_shot_decode(tokenizer):
+    """Random ids over the whole vocabulary (and past it: a random model can write those), and
+    half of them from the tokens of multi-byte text, whose characters tokens split."""
     V = tokenizer.get_vocab_size(with_added_tokens=True)
     rng = random.Random(0)
-    for _ in range(400):  # ids past the vocabulary too: a random model can write them
-        ids = [rng.randrange(V + 5) for _ in range(rng.randrange(1, 30))]
+    split = encode(tokenizer, "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(300))
+                   + "😀🦀🎉𝄞ÄÖÜ€")
+    for _ in range(400):
+        ids = [rng.randrange(V + 5) if rng.random() < 0.5 else rng.choice(split)
+               for _ in range(rng.randrange(1, 30))]
         stream = StreamDecoder(tokenizer)
         assert "".join([stream.push(t) for t in ids] + [stream.flush()]) == tokenizer.decode(ids)
 
@@ -184,10 +189,10 @@ def test_the_cache_kept_turn_equals_a_fresh_prefill(real_vocab_checkpoint, monke
     choose = talk.choose
     monkeypatch.setattr(talk, "choose", lambda logits, seen, step: (
         chosen_from.append(logits[0].clone()), choose(logits, seen, step))[1])
-    worst = 0.0
+    worst, earlier = 0.0, []
     for turn, text in enumerate(["Hello there", "and again", "a third message, longer"]):
         chosen_from.clear()
-        before = len(talk.cached)
+        before, earlier = len(talk.cached), list(talk.turns)
         reply = list(talk.answer(text))
         prompt = len(talk.turns[-1]) - len(reply) - len(talk.close)
         conversation = len(talk.system) + sum(map(len, talk.turns[:-1])) + prompt
@@ -200,7 +205,7 @@ def test_the_cache_kept_turn_equals_a_fresh_prefill(real_vocab_checkpoint, monke
         assert talk.cached[: len(talk.system)] == talk.system
     assert worst <= 1e-5, worst  # fp32; measured 2.9e-6
     assert sys.stderr.getvalue().count("dropped the oldest 1 turn, kept the system message") == 1
-    assert len(talk.turns) == 2
+    assert talk.turns[:-1] == earlier[1:]  # the first turn went, the second stayed
 
 
 def test_reset_forgets_the_conversation(real_vocab_checkpoint, monkeypatch):
@@ -212,22 +217,38 @@ def test_reset_forgets_the_conversation(real_vocab_checkpoint, monkeypatch):
     assert talk.cached[: len(talk.system)] == talk.system
 
 
+def test_an_answer_stops_at_im_end_or_endoftext(real_vocab_checkpoint, monkeypatch):
+    talk = new_chat(real_vocab_checkpoint, monkeypatch, argv=["--max-new-tokens", "9"])
+    for stop in (IM_END, ENDOFTEXT):
+        script = iter([40, 41, stop, 42])
+        monkeypatch.setattr(talk, "choose", lambda logits, seen, step: next(script))
+        assert list(talk.answer("Hi")) == [40, 41]
+        assert talk.turns[-1][-len(talk.close) - 2:] == [40, 41, *talk.close]
+
+
+PENALTY = 1.3
+
+
 def test_greedy_chat_equals_transformers_generate(hf_checkpoint, hf_tokenizer, monkeypatch,
                                                   capsys):
     """Random weights, the real vocabulary, generation_config.json's repetition penalty (which
     greedy keeps, as transformers does): the same tokens, and stdout is their text."""
-    hf_model, path = hf_checkpoint(seed=5, vocab_size=151936)
+    hf_model, path = hf_checkpoint(seed=5, std=0.05, vocab_size=151936)
     (path / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
-         "repetition_penalty": 1.1}))
+         "repetition_penalty": PENALTY}))
     prompt = "Give me a short introduction to large language models."
     input_ids = torch.tensor([hf_tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False)])
     out = hf_model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                            do_sample=False, max_new_tokens=24, repetition_penalty=1.1,
+                            do_sample=False, max_new_tokens=24, repetition_penalty=PENALTY,
                             eos_token_id=[IM_END, ENDOFTEXT], pad_token_id=ENDOFTEXT)
     want = out[0, input_ids.shape[1]:].tolist()
     want = want[: next((i for i, t in enumerate(want) if t in (IM_END, ENDOFTEXT)), len(want))]
+    plain = hf_model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                              do_sample=False, max_new_tokens=24, repetition_penalty=1.0,
+                              eos_token_id=[IM_END, ENDOFTEXT], pad_token_id=ENDOFTEXT)
+    assert plain[0, input_ids.shape[1]:].tolist()[: len(want)] != want  # the penalty matters
 
     written = []
     push = StreamDecoder.push
