@@ -276,7 +276,8 @@ def load(args: argparse.Namespace) -> tuple[Chat, torch.dtype]:
     if cfg.hidden_size < SMALLEST_QWEN25_HIDDEN:
         print(f"note: {folder} is a tiny model (hidden {cfg.hidden_size}, "
               f"{cfg.num_hidden_layers} layers), not Qwen2.5-0.5B-Instruct: a random-weight model "
-              "writes noise; the format, the streaming and the cache work all the same",
+              "writes noise, often one token over and over (--temperature 2 --top-k 0 shows more "
+              "of it); the format, the streaming and the cache work all the same",
               file=sys.stderr)
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()))
     return Chat(model, tokenizer, sampling, args.system, args.max_context,

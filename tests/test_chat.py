@@ -221,7 +221,7 @@ def test_an_answer_stops_at_im_end_or_endoftext(real_vocab_checkpoint, monkeypat
     talk = new_chat(real_vocab_checkpoint, monkeypatch, argv=["--max-new-tokens", "9"])
     for stop in (IM_END, ENDOFTEXT):
         script = iter([40, 41, stop, 42])
-        monkeypatch.setattr(talk, "choose", lambda logits, seen, step: next(script))
+        monkeypatch.setattr(talk, "choose", lambda logits, seen, step, s=script: next(s))
         assert list(talk.answer("Hi")) == [40, 41]
         assert talk.turns[-1][-len(talk.close) - 2:] == [40, 41, *talk.close]
 
