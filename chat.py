@@ -167,16 +167,17 @@ class Chat:
     def fit(self, prompt: list[int]) -> list[int]:
         """The conversation's ids with `prompt` as its last turn, the oldest turns dropped
         until it and a full answer fit in the cache."""
+        least = len(self.system) + len(prompt)
+        if least >= self.max_context:  # before any turn goes: the history stays as it was
+            raise ChatError(f"this message and the system message take {least} tokens, "
+                            f"the context holds {self.max_context}: write less, or raise "
+                            "--max-context")
         dropped = 0
-        while self.turns and (len(self.system) + sum(map(len, self.turns)) + len(prompt)
-                              + self.max_new_tokens > self.max_context):
+        while self.turns and (least + sum(map(len, self.turns)) + self.max_new_tokens
+                              > self.max_context):
             self.turns.pop(0)
             dropped += 1
         ids = self.system + [t for turn in self.turns for t in turn] + prompt
-        if len(ids) >= self.max_context:
-            raise ChatError(f"this message and the system message take {len(ids)} tokens, "
-                            f"the context holds {self.max_context}: write less, or raise "
-                            "--max-context")
         if dropped:
             print(f"[the conversation outgrew {self.max_context} tokens: dropped the oldest "
                   f"{dropped} turn{'s' * (dropped > 1)}, kept the system message]",

@@ -311,12 +311,19 @@ def test_tiny_model_notes_noise_and_streams_piped_stdin(real_vocab_checkpoint, m
     assert written and out == load_tokenizer(real_vocab_checkpoint).decode(written) + "\n"
 
 
-def test_a_message_too_long_is_one_line(real_vocab_checkpoint, capsys):
+def test_a_message_too_long_is_one_line(real_vocab_checkpoint, capsys, monkeypatch):
     assert chat.main(["--model", str(real_vocab_checkpoint), "--max-context", "40",
                       "--prompt", "word " * 60]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert re.fullmatch(r"error: this message and the system message take \d+ tokens, the "
                         r"context holds 40: write less, or raise --max-context", err)
+    talk = new_chat(real_vocab_checkpoint, monkeypatch, argv=["--max-context", "60",
+                                                               "--max-new-tokens", "4"])
+    list(talk.answer("Hi"))
+    turns = list(talk.turns)
+    with pytest.raises(chat.ChatError, match="write less"):
+        list(talk.answer("word " * 60))
+    assert talk.turns == turns  # the history is kept for the next message
 
 
 # ----------------------------------------------------------------------------- interactive
