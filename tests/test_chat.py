@@ -171,20 +171,26 @@ def test_streaming_never_prints_half_a_character(tokenizer):
 # ----------------------------------------------------------------------------- the conversation
 
 
-def new_chat(checkpoint, monkeypatch, **overrides) -> chat.Chat:
-    args = chat.parse_args(["--model", str(checkpoint), "--greedy", "--dtype", "fp32",
-                            "--device", "cpu", *overrides.pop("argv", [])])
-    monkeypatch.setattr(sys, "stderr", io.StringIO())
-    conversation, _ = chat.load(args)
-    return conversation
+@pytest.fixture(scope="module")
+def tiny_model(real_vocab_checkpoint):
+    return load_model(real_vocab_checkpoint)
 
 
-def test_the_cache_kept_turn_equals_a_fresh_prefill(real_vocab_checkpoint, monkeypatch):
+@pytest.fixture
+def new_chat(tiny_model, tokenizer):
+    """A greedy Chat on the tiny real-vocabulary model, fp32 on the CPU."""
+    def make(max_new_tokens: int, max_context: int = 4096) -> chat.Chat:
+        sampling = chat.Sampling(**chat.FALLBACK_SAMPLING, greedy=True)
+        return chat.Chat(tiny_model, tokenizer, sampling, None, max_context, max_new_tokens,
+                         0, torch.device("cpu"))
+    return make
+
+
+def test_the_cache_kept_turn_equals_a_fresh_prefill(new_chat, monkeypatch, capsys):
     """Turn 2 prefills only its new tokens; its logits (the prefill's and each decode step's)
     equal one pass over the whole conversation. Turn 3 outgrows --max-context: one line says
     the oldest turn went, the system message stays, and the logits again equal a fresh pass."""
-    talk = new_chat(real_vocab_checkpoint, monkeypatch,
-                    argv=["--max-new-tokens", "6", "--max-context", "70"])
+    talk = new_chat(max_new_tokens=6, max_context=70)
     chosen_from = []
     choose = talk.choose
     monkeypatch.setattr(talk, "choose", lambda logits, seen, step: (
@@ -204,12 +210,12 @@ def test_the_cache_kept_turn_equals_a_fresh_prefill(real_vocab_checkpoint, monke
             worst = max(worst, (logits - fresh[first + j]).abs().max().item())
         assert talk.cached[: len(talk.system)] == talk.system
     assert worst <= 1e-5, worst  # fp32; measured 2.9e-6
-    assert sys.stderr.getvalue().count("dropped the oldest 1 turn, kept the system message") == 1
+    assert capsys.readouterr().err.count("dropped the oldest 1 turn, kept the system message") == 1
     assert talk.turns[:-1] == earlier[1:]  # the first turn went, the second stayed
 
 
-def test_reset_forgets_the_conversation(real_vocab_checkpoint, monkeypatch):
-    talk = new_chat(real_vocab_checkpoint, monkeypatch, argv=["--max-new-tokens", "3"])
+def test_reset_forgets_the_conversation(new_chat):
+    talk = new_chat(max_new_tokens=3)
     first = list(talk.answer("Hi"))
     list(talk.answer("more"))
     talk.reset()
@@ -217,8 +223,8 @@ def test_reset_forgets_the_conversation(real_vocab_checkpoint, monkeypatch):
     assert talk.cached[: len(talk.system)] == talk.system
 
 
-def test_an_answer_stops_at_im_end_or_endoftext(real_vocab_checkpoint, monkeypatch):
-    talk = new_chat(real_vocab_checkpoint, monkeypatch, argv=["--max-new-tokens", "9"])
+def test_an_answer_stops_at_im_end_or_endoftext(new_chat, monkeypatch):
+    talk = new_chat(max_new_tokens=9)
     for stop in (IM_END, ENDOFTEXT):
         script = iter([40, 41, stop, 42])
         monkeypatch.setattr(talk, "choose", lambda logits, seen, step, s=script: next(s))
@@ -311,14 +317,13 @@ def test_tiny_model_notes_noise_and_streams_piped_stdin(real_vocab_checkpoint, m
     assert written and out == load_tokenizer(real_vocab_checkpoint).decode(written) + "\n"
 
 
-def test_a_message_too_long_is_one_line(real_vocab_checkpoint, capsys, monkeypatch):
+def test_a_message_too_long_is_one_line(real_vocab_checkpoint, capsys, new_chat):
     assert chat.main(["--model", str(real_vocab_checkpoint), "--max-context", "40",
                       "--prompt", "word " * 60]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert re.fullmatch(r"error: this message and the system message take \d+ tokens, the "
                         r"context holds 40: write less, or raise --max-context", err)
-    talk = new_chat(real_vocab_checkpoint, monkeypatch, argv=["--max-context", "60",
-                                                               "--max-new-tokens", "4"])
+    talk = new_chat(max_new_tokens=4, max_context=60)
     list(talk.answer("Hi"))
     turns = list(talk.turns)
     with pytest.raises(chat.ChatError, match="write less"):
