@@ -228,19 +228,16 @@ class Chat:
         self.stats = (len(ids) - keep, prefilled, len(reply), time.perf_counter() - began)
 
 
-def say(chat: Chat, text: str, dtype: torch.dtype) -> str:
-    """Stream the answer to stdout, whole characters only; its speed to stderr. → the answer."""
-    stream, pieces = StreamDecoder(chat.tokenizer), []
+def say(chat: Chat, text: str, dtype: torch.dtype) -> None:
+    """Stream the answer to stdout, whole characters only; its speed to stderr."""
+    stream = StreamDecoder(chat.tokenizer)
     with autocast(chat.device, dtype):
         for token in chat.answer(text):
-            pieces.append(stream.push(token))
-            print(pieces[-1], end="", flush=True)
-    pieces.append(stream.flush())
-    print(pieces[-1], flush=True)
+            print(stream.push(token), end="", flush=True)
+    print(stream.flush(), flush=True)
     prefilled, prefill_s, written, decode_s = chat.stats
     print(f"[{written} tokens, {written / max(decode_s, 1e-9):.1f} tokens/s; prefill "
           f"{prefilled} tokens in {prefill_s:.2f} s]", file=sys.stderr)
-    return "".join(pieces)
 
 
 def interact(chat: Chat, dtype: torch.dtype) -> None:
