@@ -12,7 +12,7 @@ ADAPTER ?= $(RUN)/adapter
 EVAL_OUT ?= $(RUN)/eval
 ARGS ?=
 
-.PHONY: setup browser test test-all data flops train eval baselines sweep report demo bench
+.PHONY: setup browser test test-all data flops train eval baselines sweep report demo bench chat
 setup:
 	test -x $(PY) || python3 -m venv .venv
 	if [ -n "$(TORCH_SPEC)" ] && ! $(PY) -c "import torch" 2>/dev/null; then \
@@ -79,6 +79,11 @@ sweep:
 RUNS ?= runs
 report:
 	$(PY) report.py --runs $(RUNS) $(ARGS)
+
+# talk to the model (MODEL= as for train): the Instruct chat format, the answer streamed, the
+# history kept; /reset, Ctrl-D. One answer: ARGS='--prompt "hi" --greedy'
+chat:
+	$(PY) chat.py --model $(MODEL) $(ARGS)
 
 # every part, offline, on a tiny random-weight model, with the baselines on the same series and
 # the report at the end

@@ -263,6 +263,27 @@ def nucleus(z: torch.Tensor, top_p: float) -> torch.Tensor:
     return z.masked_fill(drop, float("-inf"))
 
 
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores (R, V) with −inf below each row's k-th largest (ties with it stay, as in
+    transformers' TopKLogitsWarper); k ≤ 0 or ≥ V keeps every token. Compares only: 0 FLOPs."""
+    if k <= 0 or k >= scores.shape[-1]:
+        return scores
+    kth = scores.topk(k, dim=-1).values[:, -1:]  # (R, 1)
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019), as in transformers: the logit of every token in
+    `seen` (R, n) ids (prompt and output so far; repeats count once) is divided by `penalty`
+    when positive, multiplied when negative, so > 1 makes repeating less likely."""
+    if penalty == 1.0:
+        return scores
+    add_flops("sample_repetition_penalty", seen.numel())  # one multiply or divide per seen id
+    logit = scores.gather(-1, seen)  # (R, n)
+    logit = torch.where(logit < 0, logit * penalty, logit / penalty)
+    return scores.scatter(-1, seen, logit)
+
+
 def sample_tokens(scores: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor,
                   temperature: float, top_p: float) -> torch.Tensor:
     """Gumbel-max: argmax(z + g), g ~ Gumbel(0, 1), draws from softmax(z), z = scores / T.

@@ -21,8 +21,9 @@ from .generate import QWEN2_EOS_ID
 from .model import Qwen2Config, Qwen2ForCausalLM
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-# what a snapshot download fetches: the weights, the config and the tokenizer, nothing else
-SNAPSHOT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json"]
+# what a snapshot download fetches: the weights, the configs and the tokenizer, nothing else
+SNAPSHOT_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                  "generation_config.json"]
 
 
 class CheckpointError(RuntimeError):

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SCRIPTS = ("train", "evaluate", "sweep", "report", "flops")
+SCRIPTS = ("train", "evaluate", "sweep", "report", "flops", "chat")
 OTHER = "another tool"  # the subject of flags that are not checked
 # commands in code whose flags are their own, not one of the five scripts'
 OTHER_COMMANDS = ("torchrun", "tensorboard", "pytest", "pip", "git", "ruff", "chromium")
@@ -148,7 +148,7 @@ def test_attribution_rule(targets):
 def test_makefile_targets_map_to_their_scripts(targets):
     assert {t: s for t, s in targets.items() if s != OTHER} == {
         "train": "train", "eval": "evaluate", "baselines": "evaluate", "sweep": "sweep",
-        "report": "report", "flops": "flops"}
+        "report": "report", "flops": "flops", "chat": "chat"}
 
 
 def test_every_make_target_named_exists(targets):
