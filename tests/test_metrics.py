@@ -179,10 +179,10 @@ def test_a_gaussian_forecasts_scores_equal_scipy():
     s = np.broadcast_to(sigma, mean.shape)
     for i in np.ndindex(mean.shape):
         m, sd, y = mean[i], s[i], truths[i]
-        below = integrate.quad(lambda x: stats.norm.cdf(x, m, sd) ** 2, m - 40 * sd, y,
-                               epsabs=1e-12)[0]
-        above = integrate.quad(lambda x: stats.norm.sf(x, m, sd) ** 2, y, m + 40 * sd,
-                               epsabs=1e-12)[0]
+        below = integrate.quad(lambda x, m=m, sd=sd: stats.norm.cdf(x, m, sd) ** 2,
+                               m - 40 * sd, y, epsabs=1e-12)[0]
+        above = integrate.quad(lambda x, m=m, sd=sd: stats.norm.sf(x, m, sd) ** 2,
+                               y, m + 40 * sd, epsabs=1e-12)[0]
         assert g.crps(truths)[i] == pytest.approx(below + above, rel=1e-7, abs=1e-10), i
         assert g.pit(truths)[i] == pytest.approx(stats.norm.cdf(y, m, sd), rel=1e-12, abs=1e-15)
     for (inside, level), expected in zip(g.intervals(truths), metrics.GAUSSIAN_LEVELS):
