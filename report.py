@@ -442,7 +442,7 @@ def section_baselines(page: Page, runs: Runs, out: Path) -> None:
                   "/ its width, never below −decimals·ln 10. Coverage: of the central interval "
                   "whose exact level (shown) is nearest 90%.")
         calibration = calibration_figure(
-            {f"{labels[0]} ({source})": m for labels, source, m in rows + baselines},
+            {labels[0]: m for labels, _, m in rows + baselines},
             out / "calibration-baselines.png")
         if calibration:
             page.figure(calibration, "calibration of the baselines and sampled runs above")
@@ -563,10 +563,12 @@ def interval_figure(npz_path: Path, out: Path, index: int = 0) -> Path | None:
     return save_figure(fig, out / f"forecast_intervals-{index}.png")
 
 
-def save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, rect: tuple[float, ...] = (0, 0, 1, 1)) -> Path:
+    """The figure as a PNG at `path`; rect: the part of the figure the axes may fill (the rest
+    holds a figure legend)."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
@@ -586,7 +588,7 @@ def calibration_figure(runs: dict[str, dict], png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     right.plot([0, 1], [0, 1], "k:", label="calibrated")
     for i, (label, m) in enumerate(runs.items()):
         histogram, curve = m["pit_histogram"], m["coverage_curve"]
@@ -594,14 +596,15 @@ def calibration_figure(runs: dict[str, dict], png: Path) -> Path | None:
         left.stairs(histogram, np.linspace(0, 1, bins + 1), color=f"C{i}", lw=1.5, label=label)
         right.plot(curve["levels"], [np.nan if c is None else c for c in curve["coverage"]],
                    f"C{i}o-", ms=3, label=label)
-    left.axhline(1 / bins, color="k", ls=":", label="calibrated")
+    left.axhline(1 / bins, color="k", ls=":")
     left.set(xlabel="PIT (the forecast CDF at the truth)", ylabel="share of cells",
              title="PIT histogram")
     right.set(xlabel="exact level of the central interval", ylabel="observed coverage",
               title="coverage curve", xlim=(0, 1), ylim=(0, 1))
-    for ax in (left, right):
-        ax.legend(fontsize=6)
-    return save_figure(fig, png)
+    # one legend for both panels, below them, where it hides no curve
+    fig.legend(*right.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=3)
+    legend_rows = -(-(len(runs) + 1) // 3)
+    return save_figure(fig, png, rect=(0, 0.02 + 0.05 * legend_rows, 1, 1))
 
 
 def section_final(page: Page, runs: Runs, final: Path | None, rule: str, out: Path) -> None:
@@ -641,9 +644,9 @@ def section_final(page: Page, runs: Runs, final: Path | None, rule: str, out: Pa
             continue
         page.figure(picture, f"sampled forecast intervals from {f / 'forecasts.npz'}")
         split = runs.evals[f].get("split")
-        beside = {f"{m['baseline']} ({d / 'metrics.json'})": m for d, m in runs.evals.items()
+        beside = {f"{m['baseline']} (baseline)": m for m in runs.evals.values()
                   if m.get("baseline") and m.get("split") == split}
-        calibration = calibration_figure({str(f / "metrics.json"): runs.evals[f]} | beside,
+        calibration = calibration_figure({str(f): runs.evals[f]} | beside,
                                          out / f"calibration-{index}.png")
         if calibration:
             page.figure(calibration, f"calibration of the samples in {f / 'metrics.json'}, "
