@@ -19,13 +19,18 @@ FLOPs go to the ledger, one record per batch, so a killed evaluation loses at mo
 Scores. "Scaled" is in LLMTIME units (value / α, what the coursework reports), "original" in
 the data's own units. MSE/MAE are over the steps that parsed; `mse_scaled_filled` puts the
 persistence forecast (the last context value) in every step that did not, so runs with
-different failure rates compare fairly. CRPS is the sample estimator mean|X−y| − ½·mean|X−X'|
-(a point forecast is one sample: its CRPS is its absolute error). `coverage_50`/`coverage_90`:
-how often the truth lies in the samples' central 50%/90% interval. `nll_per_dim(_scaled)`: the
-negative log-likelihood per target value (LLMTIME's NLL/D; a model's from its teacher-forced
-pass under the grammar, a baseline's from a Gaussian around its forecast; metrics.py). Every
-metric gets `<metric>_ci95`, a 95% bootstrap interval over the series (`--bootstrap N`
-resamples, 0: none); sampled runs get `pit_histogram` and `coverage_curve` (calibration).
+different failure rates compare fairly. Every score comes from one predictive distribution
+per forecast value: the model's samples (a greedy forecast is one sample), a baseline's
+Gaussian around its forecast (σ from a backtest on the contexts); the point forecast is its
+median. CRPS: the sample estimator mean|X−y| − ½·mean|X−X'|, or the Gaussian's closed form.
+`coverage_curve`: how often the truth lies in each central interval, beside its exact level
+(samples: between the k-th smallest and k-th largest of S, level (S+1−2k)/(S+1)); `coverage`
+is the one nearest 90%, at `coverage_level`. `nll_per_dim(_scaled)`: the negative
+log-likelihood per target value (LLMTIME's NLL/D: the mass on the truth's bin / its width; a
+model's from its teacher-forced pass under the grammar, a baseline's from its Gaussian;
+metrics.py). Every metric gets `<metric>_ci95`, a 95% bootstrap interval over the series
+(`--bootstrap N` resamples, 0: none); sampled and baseline runs get `pit_histogram` and
+`coverage_curve` (calibration).
 `--compare` pairs each run with the best one on the same series (metrics.paired). The scoring
 itself lives in metrics.py.
 """
@@ -53,21 +58,22 @@ import ledger
 from lora import AdapterError, base_model_mismatch, load_adapter
 from metrics import (
     BOOTSTRAP_RESAMPLES,
+    LABELS,
     LOWER_IS_BETTER,
+    Gaussian,
+    Samples,
     TotalsError,
     backtest_sigma,
     best,
-    gaussian_nll,
     load_series,
     mean_or_none,
     nll_per_dim,
     paired,
-    point_forecast,
     same_series,
-    sample_quantile,
     score,
     shown_difference,
     shown_interval,
+    shown_level,
     totals_arrays,
 )
 from qwen_min import CheckpointError, KVCache, count_flops, generate, load_model, load_tokenizer
@@ -505,22 +511,33 @@ def backtest_errors(args, series, time, context_steps: int) -> np.ndarray | None
 
 DENSITY = {"model": "the model's token probabilities, renormalised to the LLMTIME grammar",
            "baseline": "Gaussian around the forecast, σ per horizon and variable from a "
-                       "backtest on the contexts"}
+                       "backtest on the contexts; NLL/D from its mass on the truth's bin"}
 
 
-def density(values, truths, scaler, nats, errors) -> np.ndarray | None:
-    """Per-value NLL in scaled units, (N, values) for metrics.score: a model's from the target
-    nats of its teacher-forced pass (its series' NLL/D on each of the series' values; NaN for a
-    series whose truth the grammar cannot write, > 999 in scaled units), a baseline's from a
-    Gaussian around its point forecast whose σ comes from its backtest errors (DENSITY)."""
+def forecast_distribution(values: np.ndarray, errors: np.ndarray | None,
+                          scaler: data.LLMTimeScaler) -> Samples | Gaussian:
+    """The one distribution every score is taken from (metrics.py): the model's samples; a
+    baseline's Gaussian around its forecast, σ per horizon and variable from its backtest
+    errors (metrics.backtest_sigma); a point forecast where there was no backtest."""
+    if errors is None:
+        return Samples(values)
+    sigma = backtest_sigma(errors / scaler.alpha, scaler.decimals) * scaler.alpha
+    return Gaussian(values[:, 0], sigma)
+
+
+def density(forecast: Samples | Gaussian, truths, scaler, nats) -> np.ndarray | None:
+    """Per-value NLL in scaled units for metrics.score, on one footing: the mass on the truth's
+    LLMTIME bin / the bin width. A model's from the target nats of its teacher-forced pass (its
+    series' NLL/D on each of the series' values; NaN for a series whose truth the grammar
+    cannot write, > 999 in scaled units), a baseline's from its Gaussian (Gaussian.bin_nll)."""
     D = truths[0].size
     if nats is not None:
         per_dim = nll_per_dim(np.array(nats), D, scaler.decimals)
         return np.repeat(np.where(np.isfinite(per_dim), per_dim, np.nan)[:, None], D, 1)
-    if errors is None:
+    if not isinstance(forecast, Gaussian):
         return None
-    sigma = backtest_sigma(errors / scaler.alpha, scaler.decimals)  # (steps, 2)
-    return gaussian_nll(point_forecast(values) / scaler.alpha, truths / scaler.alpha, sigma)
+    scaled = Gaussian(forecast.mean / scaler.alpha, forecast.sigma / scaler.alpha)
+    return scaled.bin_nll(truths / scaler.alpha, scaler.decimals)
 
 
 # ----------------------------------------------------------------------------- output
@@ -533,13 +550,12 @@ def plot(out: Path, name: str, fig) -> None:
     atomic_write_bytes(out / name, buf.getvalue())
 
 
-def plot_trajectories(out, series, time, context_steps, values, rows, title):
-    """Context, truth and the point forecast; with samples, their 10–90% band shaded."""
+def plot_trajectories(out, series, time, context_steps, forecast, rows, title):
+    """Context, truth and the point forecast; with a distribution, its 10–90% band shaded."""
     import matplotlib.pyplot as plt
 
-    point = point_forecast(values)
-    band = ([sample_quantile(values, q) for q in (0.1, 0.9)] if values.shape[1] > 1
-            else None)
+    point = forecast.median()
+    band = [forecast.quantile(q) for q in (0.1, 0.9)] if forecast.spread else None
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, 2.6 * len(rows)), squeeze=False)
     for ax_row, i in zip(axes, rows):
         for v, (ax, name) in enumerate(zip(ax_row, ("prey", "predator"))):
@@ -548,7 +564,7 @@ def plot_trajectories(out, series, time, context_steps, values, rows, title):
             ax.plot(time[context_steps:], series[i, context_steps:, v], "k:", lw=1, label="truth")
             if band is not None:
                 ax.fill_between(horizon, band[0][i, :, v], band[1][i, :, v], color="r",
-                                alpha=0.2, label="10–90% of samples")
+                                alpha=0.2, label="10–90% band")
             ax.plot(horizon, point[i, :, v], "r.-", label="forecast")
             ax.set_title(f"series {i}: {name}", fontsize=9)
     axes[0, 0].legend(fontsize=8)
@@ -571,16 +587,16 @@ def plot_horizon(out, curves: dict[str, list[float]], ylabel: str, name: str):
 
 
 COMPARE_KEYS = ("n_series", "decoding", "mse_scaled", "mse_scaled_filled", "crps_scaled",
-                "nll_per_dim_scaled", "mae_scaled", "coverage_90", "parse_failure_rate",
+                "nll_per_dim_scaled", "mae_scaled", "coverage", "parse_failure_rate",
                 "teacher_forced_ce", "generation_ce")
 
 
 def with_interval(m: dict, key: str) -> str:
-    """A metric as the comparison table shows it: 4 significant digits, then its bootstrap
-    95% interval when metrics.json has one."""
+    """A metric as the comparison table shows it: 4 significant digits (coverage with its
+    level), then its bootstrap 95% interval when metrics.json has one."""
     v = m.get(key)
     text = "—" if v is None else v if isinstance(v, str) else f"{v:.4g}"
-    return text + shown_interval(m.get(f"{key}_ci95"))
+    return text + shown_level(m, key) + shown_interval(m.get(f"{key}_ci95"))
 
 
 def series_of(folders: list, what: str) -> tuple[dict, str | None]:
@@ -603,7 +619,7 @@ def paired_table(runs: dict, loaded: dict, n_bootstrap: int) -> list[str]:
     lines = [f"Paired with the best run by filled MSE, {ref}: run − best [paired-bootstrap 95% "
              "interval over series], * where it excludes 0; the share of series on which each "
              "is lower (run / best).", "",
-             "| run | " + " | ".join(LOWER_IS_BETTER) + " |",
+             "| run | " + " | ".join(LABELS[k] for k in LOWER_IS_BETTER) + " |",
              "|---" * (len(LOWER_IS_BETTER) + 1) + "|"]
     for d in runs:
         if d != ref:
@@ -635,7 +651,8 @@ def compare(dirs: list[str], out: Path, n_bootstrap: int) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plot_horizon(out, {d: m.get("mse_scaled_by_horizon", []) for d, m in runs.items()},
                  "MSE (scaled units)", "compare_horizon.png")
-    lines = ["| run | " + " | ".join(COMPARE_KEYS) + " |", "|---" * (len(COMPARE_KEYS) + 1) + "|"]
+    lines = ["| run | " + " | ".join(LABELS[k] for k in COMPARE_KEYS) + " |",
+             "|---" * (len(COMPARE_KEYS) + 1) + "|"]
     lines += [f"| {d} | " + " | ".join(with_interval(m, k) for k in COMPARE_KEYS) + " |"
               for d, m in runs.items()]
     if len(runs) > 1:
@@ -645,11 +662,11 @@ def compare(dirs: list[str], out: Path, n_bootstrap: int) -> int:
     return 0
 
 
-def write_outputs(out: Path, metrics: dict, indices, values, truths, texts, tf_ce, gen_ce,
-                  totals):
+def write_outputs(out: Path, metrics: dict, indices, values, forecast, truths, texts, tf_ce,
+                  gen_ce, totals):
     """Every output but the figures; metrics.json last, as the mark of a finished evaluation
     (sweep.py skips a run that has one), so a failed write (a full disk) leaves none."""
-    point = point_forecast(values)
+    point = forecast.median()
     err = (point - truths) / metrics["alpha"]
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -663,7 +680,9 @@ def write_outputs(out: Path, metrics: dict, indices, values, truths, texts, tf_c
                     int(np.isnan(values[k, :, :, 0]).sum()), texts[k] if texts else None])
     atomic_write_text(out / "per_series.csv", buf.getvalue())
     npz = io.BytesIO()
-    np.savez(npz, indices=indices, forecasts=point, samples=values, truths=truths,
+    sigma = ({"sigma": np.broadcast_to(forecast.sigma, point.shape)}
+             if isinstance(forecast, Gaussian) else {})  # a baseline's distribution: N(point, σ²)
+    np.savez(npz, indices=indices, forecasts=point, samples=values, truths=truths, **sigma,
              **totals_arrays(totals))
     atomic_write_bytes(out / "forecasts.npz", npz.getvalue())
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -788,8 +807,9 @@ def run_evaluation(args: argparse.Namespace) -> int:
         except ledger.BudgetError as e:
             return fail(str(e), code=3)
 
-    scores, totals = score(values, truths, series[:, context_steps - 1], scaler.alpha,
-                           density(values, truths, scaler, nats, errors), args.bootstrap)
+    forecast = forecast_distribution(values, errors, scaler)
+    scores, totals = score(forecast, truths, series[:, context_steps - 1], scaler.alpha,
+                           density(forecast, truths, scaler, nats), args.bootstrap)
     metrics = {
         "n_series": len(series),
         "split": args.split,
@@ -818,11 +838,12 @@ def run_evaluation(args: argparse.Namespace) -> int:
              f"{args.model}" + (f" + {args.adapter}" if args.adapter else " (no adapter)"))
     rows = list(range(min(args.plot_series, len(series))))
     if rows:
-        plot_trajectories(out, series, time, context_steps, values, rows, title)
+        plot_trajectories(out, series, time, context_steps, forecast, rows, title)
     plot_horizon(out, {"MSE": metrics["mse_scaled_by_horizon"],
                        "MAE": metrics["mae_scaled_by_horizon"]}, "error (scaled units)",
                  "horizon.png")
-    write_outputs(out, metrics, indices, values, truths, texts, tf_ce, gen_ce, totals)  # the last
+    write_outputs(out, metrics, indices, values, forecast, truths, texts, tf_ce, gen_ce,
+                  totals)  # the last
     print(json.dumps({k: v for k, v in metrics.items() if not k.endswith("horizon")}, indent=2))
     return 0
 

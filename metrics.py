@@ -17,6 +17,11 @@ report.py pair two runs series by series without re-running them.
     Without the renormalisation (p = the full softmax) the same formula gives the unconstrained
     variant, teacher_forced_ce · tokens / D − decimals·ln 10 per series, which is never lower:
     renormalising can only raise each token's probability.
+
+One footing for every forecaster: the probability mass it puts on the truth's bin, / the bin
+width. A baseline's Gaussian scores −ln(Φ(upper) − Φ(lower)) − decimals·ln 10 per value
+(Gaussian.bin_nll), not its density at the exact truth, which could climb above any mass / w.
+So no forecaster goes below the floor −decimals·ln 10 (nll_floor): all mass on the right bin.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from __future__ import annotations
 import math
 import warnings
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-INTERVALS = (0.5, 0.9)  # central intervals whose coverage is reported
-CURVE_LEVELS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # the coverage curve: 10%…90%
+GAUSSIAN_LEVELS = tuple(round(0.1 * k, 1) for k in range(1, 10))  # 10%…90%: those of 19 samples
+HEADLINE_LEVEL = 0.9  # metrics.json's `coverage`: the interval whose level is nearest this
 PIT_BINS = 10
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_RESAMPLES = 1000  # evaluate.py --bootstrap's default, and report.py's paired intervals
@@ -43,27 +50,16 @@ def quiet_nan(fn, *a, **kw):
         return fn(*a, **kw)
 
 
-def point_forecast(values: np.ndarray) -> np.ndarray:
-    """(N, S, steps, 2) → (N, steps, 2): the per-step median over the samples that parsed."""
-    return quiet_nan(np.nanmedian, values, axis=1)
-
-
-def crps(values: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Sample CRPS, mean|X − y| − ½·mean|X − X'|, over the samples that parsed.
-    values (N, S, ...), truth (N, ...) → (N, ...); NaN where no sample parsed."""
-    ok = np.isfinite(values)
-    n = ok.sum(1)
-    x = np.where(ok, values, 0.0)
-    error = (np.abs(x - truth[:, None]) * ok).sum(1)
-    pairs = np.abs(x[:, :, None] - x[:, None, :]) * (ok[:, :, None] & ok[:, None, :])  # (N,S,S,…)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return error / n - 0.5 * pairs.sum((1, 2)) / n**2
+def mean_or_none(x: np.ndarray) -> float | None:
+    """Mean over the parsed (finite) entries; None (JSON null) when nothing parsed."""
+    return float(np.nanmean(x)) if np.isfinite(x).any() else None
 
 
 def sample_quantile(values: np.ndarray, q: float) -> np.ndarray:
     """np.nanquantile(values, q, axis=1) with linear interpolation, vectorised: numpy's loops
     over every cell in Python (0.65 s per level for 150 series of 10 samples); here NaN sorts
-    last, so the parsed samples of a cell are the first n of its sorted column."""
+    last, so the parsed samples of a cell are the first n of its sorted column. Only for
+    pictures (trajectories.png's band): the scored intervals are order statistics (Samples)."""
     x = np.sort(values, axis=1)
     n = np.isfinite(values).sum(1, keepdims=True)  # (N, 1, ...)
     position = q * np.maximum(n - 1, 0)
@@ -73,24 +69,174 @@ def sample_quantile(values: np.ndarray, q: float) -> np.ndarray:
     return np.where(n > 0, a + (position - below) * (b - a), np.nan)[:, 0]
 
 
-def covered(values: np.ndarray, truth: np.ndarray, level: float) -> np.ndarray:
-    """(N, ...) 1.0 where the truth lies in the samples' central `level` interval, 0.0 where
-    not, NaN where no sample parsed; values (N, S, ...)."""
-    lo, hi = (sample_quantile(values, q) for q in ((1 - level) / 2, (1 + level) / 2))
-    return np.where(np.isfinite(lo), (truth >= lo) & (truth <= hi), np.nan)
+# ----------------------------------------------------------------------------- forecasts
+#
+# A forecast is one predictive distribution per cell (series × step × variable), and every
+# score is taken from it: the point forecast is its median; CRPS, the central intervals and
+# the PIT are its own. Two kinds: the model's samples (Samples), a baseline's Gaussian.
 
 
-def coverage(values: np.ndarray, truth: np.ndarray, level: float) -> float | None:
-    """Share of (series, step, variable) cells whose truth lies in the samples' central
-    `level` interval; cells where no sample parsed are left out. None for point forecasts."""
-    if values.shape[1] < 2:  # a point forecast has no interval
-        return None
-    return mean_or_none(covered(values, truth, level))
+def crps(values: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Sample CRPS, mean|X − y| − ½·mean|X − X'|, over the samples that parsed: the CRPS of
+    their empirical distribution. values (N, S, ...), truth (N, ...) → (N, ...); NaN where
+    no sample parsed."""
+    ok = np.isfinite(values)
+    n = ok.sum(1)
+    x = np.where(ok, values, 0.0)
+    error = (np.abs(x - truth[:, None]) * ok).sum(1)
+    pairs = np.abs(x[:, :, None] - x[:, None, :]) * (ok[:, :, None] & ok[:, None, :])  # (N,S,S,…)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return error / n - 0.5 * pairs.sum((1, 2)) / n**2
 
 
-def mean_or_none(x: np.ndarray) -> float | None:
-    """Mean over the parsed (finite) entries; None (JSON null) when nothing parsed."""
-    return float(np.nanmean(x)) if np.isfinite(x).any() else None
+Intervals = list[tuple[np.ndarray, np.ndarray]]  # (covered (N, ...) 1/0/NaN, level (N, ...))
+
+
+@dataclass
+class Samples:
+    """S forecast samples per cell, values (N, S, steps, 2), NaN where a sample's step did not
+    parse; the distribution is their empirical one (S = 1: a point forecast)."""
+
+    values: np.ndarray
+
+    def median(self) -> np.ndarray:
+        """(N, steps, 2): the per-step median over the samples that parsed (LLMTIME's point)."""
+        return quiet_nan(np.nanmedian, self.values, axis=1)
+
+    def crps(self, truths: np.ndarray) -> np.ndarray:
+        return crps(self.values, truths)
+
+    def quantile(self, q: float) -> np.ndarray:
+        """For pictures only (an interpolated quantile has no exact coverage: intervals)."""
+        return sample_quantile(self.values, q)
+
+    def intervals(self, truths: np.ndarray) -> Intervals:
+        """Per k = 1 … ⌊S/2⌋: is the truth between the k-th smallest and the k-th largest of a
+        cell's n parsed samples, and that interval's exact level (n + 1 − 2k)/(n + 1), NaN
+        where n < 2k. Why exact: a truth exchangeable with the samples (one more draw of a
+        continuous distribution) has each of the n + 1 ranks with probability 1/(n + 1), and
+        the interval misses the k lowest and the k highest, whatever the distribution."""
+        x = np.sort(self.values, axis=1)  # NaN sorts last: the parsed ones come first
+        n = np.isfinite(self.values).sum(1, keepdims=True)  # (N, 1, ...)
+        out = []
+        for k in range(1, self.values.shape[1] // 2 + 1):
+            lower = np.take_along_axis(x, np.full_like(n, k - 1), 1)[:, 0]
+            upper = np.take_along_axis(x, np.maximum(n - k, 0), 1)[:, 0]
+            ok = n[:, 0] >= 2 * k
+            inside = (truths >= lower) & (truths <= upper)
+            out.append((np.where(ok, inside, np.nan),
+                        np.where(ok, (n[:, 0] + 1 - 2 * k) / (n[:, 0] + 1), np.nan)))
+        return out
+
+    def pit(self, truths: np.ndarray, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+        """Probability integral transform per cell: (rank of the truth among the n parsed
+        samples + U) / (n + 1), ties split at random, U ~ U(0, 1). If truth and samples are
+        exchangeable it is exactly U(0, 1): the rank is uniform on 0 … n. NaN where no sample
+        parsed."""
+        ok = np.isfinite(self.values)
+        n = ok.sum(1)
+        below = (ok & (self.values < truths[:, None])).sum(1)
+        ties = (ok & (self.values == truths[:, None])).sum(1)
+        u = np.random.default_rng(seed).random(below.shape)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(n > 0, (below + u * (ties + 1)) / (n + 1), np.nan)
+
+    def failure_rate(self) -> float:
+        """The share of (series, sample, step) forecasts that did not parse."""
+        return float(np.isnan(self.values[..., 0]).mean())
+
+    @property
+    def spread(self) -> bool:
+        """Whether it has intervals and a PIT at all: a point forecast (S = 1) has neither."""
+        return self.values.shape[1] >= 2
+
+
+def log_normal_cdf(z: np.ndarray) -> np.ndarray:
+    """ln Φ(z), accurate in the far lower tail (torch's log_ndtr; float64)."""
+    return torch.special.log_ndtr(torch.from_numpy(np.asarray(z, np.float64))).numpy()
+
+
+def normal_cdf(z: np.ndarray) -> np.ndarray:
+    return torch.special.ndtr(torch.from_numpy(np.asarray(z, np.float64))).numpy()
+
+
+def log_normal_mass(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ln(Φ(b) − Φ(a)) for a < b, finite in both far tails. An interval right of 0 is mirrored
+    to the left (Φ(b) − Φ(a) = Φ(−a) − Φ(−b)), so the difference is of two small numbers, not
+    of two near 1; ln Φ(b) + ln(1 − e^(ln Φ(a) − ln Φ(b))) then stays in log space. Where even
+    that rounds to ln 0 (b − a below float64's resolution of Φ), the midpoint rule
+    ln φ(m) + ln(b − a) is exact to that resolution."""
+    mirror = a + b > 0
+    lo, hi = np.where(mirror, -b, a), np.where(mirror, -a, b)
+    top, bottom = log_normal_cdf(hi), log_normal_cdf(lo)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mass = top + np.log(-np.expm1(bottom - top))
+        midpoint = -0.5 * ((lo + hi) / 2) ** 2 - 0.5 * math.log(2 * math.pi) + np.log(hi - lo)
+    return np.where(np.isfinite(mass), mass, midpoint)
+
+
+@dataclass
+class Gaussian:
+    """N(mean, sigma²) per cell: a baseline's forecast distribution. mean (N, steps, 2) is its
+    point forecast; sigma > 0 broadcasts to it (σ per horizon and variable: backtest_sigma)."""
+
+    mean: np.ndarray
+    sigma: np.ndarray
+
+    spread = True
+
+    def median(self) -> np.ndarray:
+        return self.mean
+
+    def failure_rate(self) -> float:
+        """The share of steps the baseline could not forecast (non-finite: NaN)."""
+        return float(np.isnan(self.mean[..., 0]).mean())
+
+    def z(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean) / self.sigma
+
+    def crps(self, truths: np.ndarray) -> np.ndarray:
+        """Closed form (Gneiting & Raftery 2007): σ·[z(2Φ(z) − 1) + 2φ(z) − 1/√π]."""
+        z = self.z(truths)
+        density = np.exp(-0.5 * z**2) / math.sqrt(2 * math.pi)
+        return self.sigma * (z * (2 * normal_cdf(z) - 1) + 2 * density - 1 / math.sqrt(math.pi))
+
+    def quantile(self, q: float) -> np.ndarray:
+        """mean + Φ⁻¹(q)·σ."""
+        return self.mean + torch.special.ndtri(torch.tensor(q, dtype=torch.float64)).item() * (
+            self.sigma)
+
+    def intervals(self, truths: np.ndarray) -> Intervals:
+        """The central interval between the (1 − level)/2 and (1 + level)/2 quantiles, at each
+        of GAUSSIAN_LEVELS: a continuous distribution has one at every level."""
+        out = []
+        for level in GAUSSIAN_LEVELS:
+            lower, upper = self.quantile((1 - level) / 2), self.quantile((1 + level) / 2)
+            inside = (truths >= lower) & (truths <= upper)
+            out.append((np.where(np.isfinite(self.mean), inside, np.nan),
+                        np.full(truths.shape, level)))
+        return out
+
+    def pit(self, truths: np.ndarray) -> np.ndarray:
+        return normal_cdf(self.z(truths))
+
+    def bin_nll(self, truths: np.ndarray, decimals: int) -> np.ndarray:
+        """−ln(mass on the truth's LLMTIME bin / bin width) per cell, all in scaled units: the
+        model's footing (its token probabilities are the mass on the bin its text names). The
+        bin: the reals that `decimals` decimals write as the truth does, centre ± w/2 with
+        w = 10^-decimals. Never below −decimals·ln 10, where all the mass is on that bin."""
+        w = 10.0**-decimals
+        centre = np.vectorize(lambda v: float(f"{v:.{decimals}f}"))(truths)  # as encode writes
+        return -log_normal_mass(self.z(centre - w / 2), self.z(centre + w / 2)) + math.log(w)
+
+
+Forecast = Samples | Gaussian
+
+
+def nll_floor(decimals: int) -> float:
+    """The lowest NLL/D any forecaster can score, scaled units: all its mass on the truth's
+    bin, −ln(1 / 10^-decimals) = −decimals·ln 10 (−4.605 at 2 decimals); + ln α in the data's."""
+    return -decimals * math.log(10)
 
 
 # ----------------------------------------------------------------------------- NLL/D
@@ -100,20 +246,15 @@ def nll_per_dim(nats: np.ndarray, n_values: int, decimals: int, alpha: float = 1
                 ) -> np.ndarray:
     """Per-series NLL/D from the target tokens' summed nats (see the module docstring); α = 1
     gives scaled units, the scaler's α the data's own."""
-    return np.asarray(nats) / n_values - decimals * math.log(10) + math.log(alpha)
-
-
-def gaussian_nll(point: np.ndarray, truths: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """−log N(truth; point, σ²) per cell, in the units of its arguments; sigma broadcasts."""
-    return 0.5 * np.log(2 * math.pi * sigma**2) + (truths - point) ** 2 / (2 * sigma**2)
+    return np.asarray(nats) / n_values + nll_floor(decimals) + math.log(alpha)
 
 
 def backtest_sigma(errors: np.ndarray, decimals: int) -> np.ndarray:
     """(steps, 2) σ per horizon and variable, scaled units: the RMS over series of a point
     forecaster's errors `errors` (N, steps, 2) made on the contexts alone (its last `steps`
     context steps forecast from the ones before). Floored at the standard deviation of an
-    LLMTIME bin, 10^-decimals/√12: the model's density cannot be sharper than one bin either,
-    and a series the forecaster fits exactly would otherwise get an infinite density."""
+    LLMTIME bin, 10^-decimals/√12: a series the forecaster fits exactly would otherwise get
+    σ = 0, a point mass with no PIT, whose every interval has width 0."""
     rms = np.sqrt(quiet_nan(np.nanmean, errors**2, axis=0))
     return np.fmax(rms, 10.0**-decimals / math.sqrt(12))
 
@@ -121,43 +262,25 @@ def backtest_sigma(errors: np.ndarray, decimals: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- calibration
 
 
-def pit(values: np.ndarray, truths: np.ndarray, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
-    """Probability integral transform per cell: (rank of the truth among the n parsed samples
-    + U) / (n + 1), ties split at random, U ~ U(0, 1). If truth and samples are exchangeable
-    (the truth is one more draw from the forecast distribution) it is exactly U(0, 1).
-    values (N, S, ...) → (N, ...); NaN where no sample parsed."""
-    ok = np.isfinite(values)
-    n = ok.sum(1)
-    below = (ok & (values < truths[:, None])).sum(1)
-    ties = (ok & (values == truths[:, None])).sum(1)
-    u = np.random.default_rng(seed).random(below.shape)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, (below + u * (ties + 1)) / (n + 1), np.nan)
+def headline(levels: list[float | None]) -> int:
+    """Index of the level nearest HEADLINE_LEVEL (the wider on a tie): the interval whose
+    coverage metrics.json reports as `coverage`, beside its exact level `coverage_level`."""
+    return min(range(len(levels)), key=lambda i: (abs(levels[i] - HEADLINE_LEVEL), -levels[i]))
 
 
-def calibrated_coverage(level: float, samples: int) -> float:
-    """The expected coverage of the central `level` interval between two sample quantiles
-    (numpy's linear interpolation) of S calibrated samples: level·(S − 1)/(S + 1), below the
-    diagonal. Why: the quantile at p sits at order statistic p(S − 1) + 1 of S, and a truth
-    exchangeable with the samples falls below the k-th with probability k/(S + 1). At S = 10
-    the 90% interval covers 74%; only S → ∞ reaches the diagonal."""
-    return level * (samples - 1) / (samples + 1)
-
-
-def calibration(values: np.ndarray, truths: np.ndarray) -> dict:
+def calibration(forecast: Forecast, truths: np.ndarray) -> dict:
     """The PIT histogram (share of cells in each of PIT_BINS equal bins; flat when calibrated)
-    and the central intervals' coverage at CURVE_LEVELS beside what calibrated samples of this
-    number would give (calibrated_coverage); None for point forecasts."""
-    if values.shape[1] < 2:
+    and the coverage curve: each central interval's observed coverage beside its exact level
+    (the mean over the cells it scores); None for point forecasts."""
+    if not forecast.spread:
         return {"pit_histogram": None, "coverage_curve": None}
-    u = pit(values, truths)
+    u = forecast.pit(truths)
     u = u[np.isfinite(u)]
     counts, _ = np.histogram(u, bins=PIT_BINS, range=(0.0, 1.0))
+    intervals = forecast.intervals(truths)
     return {"pit_histogram": (counts / max(len(u), 1)).tolist(),
-            "coverage_curve": {
-                "levels": list(CURVE_LEVELS),
-                "coverage": [coverage(values, truths, c) for c in CURVE_LEVELS],
-                "calibrated": [calibrated_coverage(c, values.shape[1]) for c in CURVE_LEVELS]}}
+            "coverage_curve": {"levels": [mean_or_none(level) for _, level in intervals],
+                               "coverage": [mean_or_none(inside) for inside, _ in intervals]}}
 
 
 # ----------------------------------------------------------------------------- per series
@@ -173,23 +296,24 @@ def per_series(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(ok, flat, 0.0).sum(1), ok.sum(1).astype(float)
 
 
-def series_totals(values: np.ndarray, truths: np.ndarray, last_context: np.ndarray,
+def series_totals(forecast: Forecast, truths: np.ndarray, last_context: np.ndarray,
                   alpha: float, nll_scaled: np.ndarray | None) -> Totals:
-    """Every headline metric as per-series (sum, count); values (N, S, steps, 2) and truths
-    (N, steps, 2) in original units, last_context (N, 2) the persistence forecast that fills
-    failed steps, nll_scaled (N, D) per-value NLL in scaled units (None: no density)."""
-    point = point_forecast(values)
+    """Every headline metric as per-series (sum, count); the forecast and truths (N, steps, 2)
+    in original units, last_context (N, 2) the persistence forecast that fills failed steps,
+    nll_scaled (N, D) per-value NLL in scaled units (None: no likelihood)."""
+    point = forecast.median()
     err = (point - truths) / alpha  # (N, steps, 2) in LLMTIME units
     filled = np.where(np.isnan(point), last_context[:, None], point)
     totals = {
         "mse_scaled": per_series(err**2),
         "mae_scaled": per_series(np.abs(err)),
         "mse_scaled_filled": per_series(((filled - truths) / alpha) ** 2),
-        "crps_scaled": per_series(crps(values / alpha, truths / alpha)),
+        "crps_scaled": per_series(forecast.crps(truths) / alpha),  # CRPS scales with the units
     }
-    if values.shape[1] >= 2:
-        totals |= {f"coverage_{round(100 * c)}": per_series(covered(values, truths, c))
-                   for c in INTERVALS}
+    if forecast.spread:
+        intervals = forecast.intervals(truths)
+        at = headline([mean_or_none(level) for _, level in intervals])
+        totals["coverage"] = per_series(intervals[at][0])
     if nll_scaled is not None:
         sums, counts = per_series(nll_scaled)
         totals["nll_per_dim_scaled"] = sums, counts
@@ -215,6 +339,20 @@ def resampled(sums: np.ndarray, counts: np.ndarray, rows: np.ndarray) -> np.ndar
     """The ratio over each resample `rows` (n, N) → (n,), NaN where nothing was scored."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums[rows].sum(1) / counts[rows].sum(1)
+
+
+LABELS = {"n_series": "series", "decoding": "decoding", "samples": "samples",
+          "mse_scaled": "MSE (scaled)", "mae_scaled": "MAE (scaled)",
+          "mse_scaled_filled": "filled MSE (scaled)", "crps_scaled": "CRPS (scaled)",
+          "nll_per_dim_scaled": "NLL/D (scaled)", "coverage": "coverage (its level)",
+          "parse_failure_rate": "parse failures", "teacher_forced_ce": "teacher-forced CE",
+          "generation_ce": "generation CE"}  # metrics.json keys as the tables head them
+
+
+def shown_level(m: dict, key: str) -> str:
+    """" at 81.8%" after `coverage`: the exact level of the interval it counts."""
+    level = m.get("coverage_level") if key == "coverage" else None
+    return f" at {100 * level:.1f}%" if level is not None else ""
 
 
 def shown_interval(ci: list[float] | None) -> str:
@@ -271,24 +409,27 @@ def paired(a: Totals, b: Totals, n: int, seed: int = BOOTSTRAP_SEED) -> dict[str
 # ----------------------------------------------------------------------------- the metrics
 
 
-def score(values: np.ndarray, truths: np.ndarray, last_context: np.ndarray, alpha: float,
+def score(forecast: Forecast, truths: np.ndarray, last_context: np.ndarray, alpha: float,
           nll_scaled: np.ndarray | None = None, n_bootstrap: int = 0) -> tuple[dict, Totals]:
-    """(metrics.json's scores, their per-series totals) of forecasts `values` (N, S, steps, 2)
-    against `truths` (N, steps, 2), all in original units; see series_totals for the rest.
+    """(metrics.json's scores, their per-series totals) of a forecast distribution against
+    `truths` (N, steps, 2), all in original units; see series_totals for the rest.
     n_bootstrap > 0 adds each metric's `_ci95` interval."""
-    totals = series_totals(values, truths, last_context, alpha, nll_scaled)
-    point = point_forecast(values)
+    totals = series_totals(forecast, truths, last_context, alpha, nll_scaled)
+    point = forecast.median()
     err = (point - truths) / alpha
     metrics = {k: ratio(*totals[k]) for k in
                ("mse_scaled", "mae_scaled", "mse", "mae", "mse_scaled_filled", "crps_scaled")}
-    metrics |= {f"coverage_{round(100 * c)}": coverage(values, truths, c) for c in INTERVALS}
+    metrics |= calibration(forecast, truths)
+    curve = metrics["coverage_curve"]
+    at = headline(curve["levels"]) if curve else None
+    metrics |= {"coverage": None if curve is None else curve["coverage"][at],
+                "coverage_level": None if curve is None else curve["levels"][at]}
     metrics |= {k: ratio(*totals[k]) if k in totals else None
                 for k in ("nll_per_dim_scaled", "nll_per_dim")}
     metrics |= {
-        "parse_failure_rate": float(np.isnan(values[..., 0]).mean()),
+        "parse_failure_rate": forecast.failure_rate(),
         "mse_scaled_by_horizon": [mean_or_none(err[:, h] ** 2) for h in range(err.shape[1])],
         "mae_scaled_by_horizon": [mean_or_none(np.abs(err[:, h])) for h in range(err.shape[1])],
-        **calibration(values, truths),
     }
     if n_bootstrap:
         metrics |= bootstrap(totals, n_bootstrap)

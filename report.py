@@ -52,7 +52,7 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 # metrics.json keys in table order; the optional ones (newer evaluate.py) get a column when a
 # row has them, and rows without them say "n/a"
 METRIC_KEYS = ("n_series", "mse_scaled", "mae_scaled", "mse_scaled_filled", "crps_scaled",
-               "nll_per_dim_scaled", "coverage_50", "coverage_90", "parse_failure_rate",
+               "nll_per_dim_scaled", "coverage", "parse_failure_rate",
                "teacher_forced_ce", "generation_ce", "decoding", "samples")
 ALWAYS_SHOWN = {"n_series", "mse_scaled", "mae_scaled", "parse_failure_rate"}
 MISSING = "missing"
@@ -299,8 +299,11 @@ Row = tuple[list[str], Path, "dict | None"]  # labels, metrics.json path, its co
 
 
 def metric_cell(m: dict, key: str) -> str:
-    """The value, then its bootstrap 95% interval when metrics.json has one; n/a if absent."""
-    return fmt(m[key]) + metrics.shown_interval(m.get(f"{key}_ci95")) if key in m else "n/a"
+    """The value (coverage with its level), then its bootstrap 95% interval when metrics.json
+    has one; n/a if absent."""
+    if key not in m:
+        return "n/a"
+    return fmt(m[key]) + metrics.shown_level(m, key) + metrics.shown_interval(m.get(f"{key}_ci95"))
 
 
 def metrics_table(label_headers: list[str], rows: list[Row], paired_with_best: bool = False
@@ -319,7 +322,7 @@ def metrics_table(label_headers: list[str], rows: list[Row], paired_with_best: b
             cells = [metric_cell(m, k) for k in keys] + [versus.get(source, "n/a")
                                                          for _ in extra] + [str(source)]
         body.append(labels + cells)
-    return Table(label_headers + keys + extra + ["source"], body)
+    return Table(label_headers + [metrics.LABELS[k] for k in keys] + extra + ["source"], body)
 
 
 def versus_best(rows: list[Row]) -> dict[Path, str]:
@@ -417,7 +420,7 @@ def section_data(page: Page, runs: Runs, final: Path | None) -> None:
               f"(source: {data_path}).")
 
 
-def section_baselines(page: Page, runs: Runs) -> None:
+def section_baselines(page: Page, runs: Runs, out: Path) -> None:
     page.heading("2. The untrained model beside the baselines")
     rows = [([f"untrained ({m.get('split', '?')})"], d / "metrics.json", m)
             for d, m in runs.evals.items() if not m.get("adapter") and not m.get("baseline")]
@@ -432,9 +435,17 @@ def section_baselines(page: Page, runs: Runs) -> None:
     if rows or baselines:
         page.table(metrics_table(["model"], rows + baselines, paired_with_best=True))
         page.text("Each value's interval: the 95% bootstrap interval over the series (evaluate.py "
-                  "--bootstrap). NLL/D: the negative log-likelihood per value (scaled units); a "
-                  "baseline's from a Gaussian around its forecast with σ from its backtest on "
-                  "the contexts.")
+                  "--bootstrap). Every score of a row comes from one predictive distribution: "
+                  "the model's samples (greedy: one sample), a baseline's Gaussian around its "
+                  "forecast with σ from its backtest on the contexts. NLL/D: the negative "
+                  "log-likelihood per value (scaled units), the mass on the truth's LLMTIME bin "
+                  "/ its width, never below −decimals·ln 10. Coverage: of the central interval "
+                  "whose exact level (shown) is nearest 90%.")
+        calibration = calibration_figure(
+            {labels[0]: m for labels, _, m in rows + baselines},
+            out / "calibration-baselines.png")
+        if calibration:
+            page.figure(calibration, "calibration of the baselines and sampled runs above")
 
 
 def sweep_config(sweep: Path) -> dict:
@@ -552,43 +563,48 @@ def interval_figure(npz_path: Path, out: Path, index: int = 0) -> Path | None:
     return save_figure(fig, out / f"forecast_intervals-{index}.png")
 
 
-def save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: Path, rect: tuple[float, ...] = (0, 0, 1, 1)) -> Path:
+    """The figure as a PNG at `path`; rect: the part of the figure the axes may fill (the rest
+    holds a figure legend)."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def calibration_figure(m: dict, png: Path) -> Path | None:
-    """The PIT histogram (flat when calibrated) and the coverage curve beside the diagonal and
-    the calibrated curve for this many samples, from metrics.json; None without them."""
-    histogram, curve = m.get("pit_histogram"), m.get("coverage_curve")
-    if not histogram or not curve:
+def calibration_figure(runs: dict[str, dict], png: Path) -> Path | None:
+    """The PIT histograms (flat when calibrated) and the coverage curves (observed coverage
+    against each interval's exact level: on the diagonal when calibrated) of every forecaster
+    in `runs` (label → metrics.json) that has them; None when none has."""
+    runs = {label: m for label, m in runs.items()
+            if m.get("pit_histogram") and (m.get("coverage_curve") or {}).get("levels")}
+    if not runs:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    bins = len(histogram)
-    left.bar((np.arange(bins) + 0.5) / bins, histogram, width=1 / bins, edgecolor="w")
-    left.axhline(1 / bins, color="k", ls=":", label="calibrated")
-    left.set(xlabel="PIT (rank of the truth among the samples)", ylabel="share of cells",
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    right.plot([0, 1], [0, 1], "k:", label="calibrated")
+    for i, (label, m) in enumerate(runs.items()):
+        histogram, curve = m["pit_histogram"], m["coverage_curve"]
+        bins = len(histogram)
+        left.stairs(histogram, np.linspace(0, 1, bins + 1), color=f"C{i}", lw=1.5, label=label)
+        right.plot(curve["levels"], [np.nan if c is None else c for c in curve["coverage"]],
+                   f"C{i}o-", ms=3, label=label)
+    left.axhline(1 / bins, color="k", ls=":")
+    left.set(xlabel="PIT (the forecast CDF at the truth)", ylabel="share of cells",
              title="PIT histogram")
-    left.legend(fontsize=7)
-    levels = curve["levels"]
-    right.plot([0, 1], [0, 1], "k:", label="diagonal")
-    right.plot(levels, curve["calibrated"], "k--", lw=1,
-               label=f"calibrated, {m.get('samples')} samples")
-    right.plot(levels, [np.nan if c is None else c for c in curve["coverage"]], "C0o-",
-               label="forecasts")
-    right.set(xlabel="central interval level", ylabel="coverage", title="coverage curve")
-    right.legend(fontsize=7)
-    return save_figure(fig, png)
+    right.set(xlabel="exact level of the central interval", ylabel="observed coverage",
+              title="coverage curve", xlim=(0, 1), ylim=(0, 1))
+    # one legend for both panels, below them, where it hides no curve
+    fig.legend(*right.get_legend_handles_labels(), fontsize=7, loc="lower center", ncol=3)
+    legend_rows = -(-(len(runs) + 1) // 3)
+    return save_figure(fig, png, rect=(0, 0.02 + 0.05 * legend_rows, 1, 1))
 
 
 def section_final(page: Page, runs: Runs, final: Path | None, rule: str, out: Path) -> None:
@@ -627,13 +643,18 @@ def section_final(page: Page, runs: Runs, final: Path | None, rule: str, out: Pa
             page.text(f"Greedy forecasts: no samples in {f / 'forecasts.npz'}, so no intervals.")
             continue
         page.figure(picture, f"sampled forecast intervals from {f / 'forecasts.npz'}")
-        calibration = calibration_figure(runs.evals[f], out / f"calibration-{index}.png")
+        split = runs.evals[f].get("split")
+        beside = {f"{m['baseline']} (baseline)": m for m in runs.evals.values()
+                  if m.get("baseline") and m.get("split") == split}
+        calibration = calibration_figure({str(f): runs.evals[f]} | beside,
+                                         out / f"calibration-{index}.png")
         if calibration:
-            page.figure(calibration, f"calibration of the samples in {f / 'metrics.json'}")
+            page.figure(calibration, f"calibration of the samples in {f / 'metrics.json'}, "
+                        "beside the baselines of its split")
     by_h = [[str(h + 1)] + [fmt(m[k][h]) if k in m else MISSING
                             for k in ("mse_scaled_by_horizon", "mae_scaled_by_horizon")]
             for h in range(len(m.get("mse_scaled_by_horizon", [])))]
-    page.table(Table(["horizon", "mse_scaled", "mae_scaled"], by_h, str(source)))
+    page.table(Table(["horizon", "MSE (scaled)", "MAE (scaled)"], by_h, str(source)))
     page.figure(folder / "horizon.png", "error by forecast horizon")
 
 
@@ -716,7 +737,7 @@ def build(root: Path, out: Path) -> tuple[str, str]:
               + (" (uncommitted changes)" if made["git_dirty"] else "") + ".")
     section_runs(page, runs)
     section_data(page, runs, final)
-    section_baselines(page, runs)
+    section_baselines(page, runs, out)
     section_stage(page, runs, "3. The grid: LoRA rank × learning rate", "grid", "grid-r*-lr*")
     section_stage(page, runs, "4. The context study", "context", "context-*")
     section_final(page, runs, final, rule, out)

@@ -3,11 +3,17 @@ that are not Lotka–Volterra at all, batching, and one-line errors."""
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+from scipy import stats
 
 import baselines
 import data
+import evaluate
+import metrics
 
 TIME = np.linspace(0.0, 200.0, 100)  # the default data's grid (data.simulate), Δt ≈ 2.02
 CONTEXT, HORIZON = 70, 10  # evaluate.py's split: 70% of 100 steps, then 10 forecast steps
@@ -67,6 +73,32 @@ def test_lv_fit_recovers_the_simulator(simulated):
     assert scaled_mse < 1e-10  # measured 5.0e-14; the issue asks < 1e-4
     assert res.forecasts.shape == (2, HORIZON, 2) and res.forecasts.dtype == np.float64
     assert (res.info["residual"] < 1e-10).all()  # measured 4.4e-14, 7.0e-15 (data units²)
+
+
+def test_lv_fit_scores_at_or_above_the_one_bin_floor_with_a_crps_of_its_own(simulated):
+    """lv-fit is nearly exact on the simulator's own data, so its backtest σ sits at the floor
+    w/√12 (one bin's standard deviation). Scored as the model is, by the mass on the truth's
+    bin / w, no value goes below −2·ln 10 = −4.605; at that σ the most mass one bin can hold
+    is 2Φ(√3) − 1 = 0.917, so none goes below −4.605 + 0.087 either (measured −4.516 to
+    −3.922, mean −4.288: the truth's bin is off-centre by up to w/2). The density at the exact
+    truth scored −4.93 in the demo, below any model's reach. Its CRPS is the Gaussian's
+    (measured 6.7e-4 scaled), not its MAE (measured 1.2e-7)."""
+    _, series = simulated
+    scaler = data.LLMTimeScaler.fit(series)
+    res = baselines.forecast("lv-fit", series[:, :CONTEXT], HORIZON, TIME[: CONTEXT + HORIZON])
+    args = SimpleNamespace(baseline="lv-fit", forecast_steps=HORIZON)
+    errors = evaluate.backtest_errors(args, series, TIME, CONTEXT)
+    forecast = evaluate.forecast_distribution(res.forecasts[:, None], errors, scaler)
+    truths = series[:, CONTEXT : CONTEXT + HORIZON]
+    nll = evaluate.density(forecast, truths, scaler, None)
+    floor = metrics.nll_floor(scaler.decimals)
+    assert floor == pytest.approx(-2 * math.log(10), abs=1e-15)
+    best = floor - math.log(2 * stats.norm.cdf(math.sqrt(3)) - 1)
+    assert np.isfinite(nll).all() and (nll >= best - 1e-12).all() and nll.min() < best + 0.01
+    m, _ = metrics.score(forecast, truths, series[:, CONTEXT - 1], scaler.alpha,
+                         nll.reshape(len(series), -1))
+    assert m["nll_per_dim_scaled"] >= floor
+    assert m["crps_scaled"] > 1000 * m["mae_scaled"]
 
 
 def test_lv_fit_never_fails_on_series_that_are_not_lotka_volterra(simulated):

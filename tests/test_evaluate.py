@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 import data
 import evaluate
@@ -112,7 +113,7 @@ def test_metrics_as_numbers(setup, tmp_path, monkeypatch):
     assert m["parse_failure_rate"] == pytest.approx(1 / 6, rel=REL)
     # fp32 log-softmax over 151,936 logits: measured |difference| 3.9e-5
     assert m["generation_ce"] == pytest.approx((math.log(2) + math.log(V)) / 2, abs=1e-4)
-    assert m["decoding"] == "grammar-constrained, greedy" and m["coverage_90"] is None
+    assert m["decoding"] == "grammar-constrained, greedy" and m["coverage"] is None
     # 3 steps of two 1–3-digit numbers with 2 decimals: 3·(2·(3 + 1 + 2) + 2) tokens at most
     (call,) = stub.calls
     assert call["max_new_tokens"] == 42 and call["n_steps"] == 3 and call["grammar"] is not None
@@ -150,6 +151,9 @@ def test_sampled_forecasts(setup, tmp_path, monkeypatch):
     # mean|X−X'| = 2·(1 + 3 + 2)/9 = 4/3, so CRPS = 4/3 − 2/3 = 2/3; the other 11 are 0
     assert m["crps_scaled"] == pytest.approx(2 / 3 / 12, rel=REL)
     assert m["parse_failure_rate"] == pytest.approx(3 / 18)  # 1 sample × 3 steps of 6 × 3
+    # one interval, the 1st–3rd of n parsed samples, level (n − 1)/(n + 1): 1/2 in series 0's
+    # 6 cells, 1/3 in series 1's (n = 2); its exact level is their mean
+    assert m["coverage_level"] == pytest.approx(5 / 12, abs=1e-15)
     assert m["generation_ce"] is None and m["teacher_forced_ce"] > 0
     assert m["decoding"] == "grammar-constrained, 3 samples"
     (call,) = stub.calls
@@ -162,7 +166,11 @@ def test_sampled_forecasts(setup, tmp_path, monkeypatch):
 
 
 def test_baseline_run_same_outputs_and_a_zero_flop_record(setup, tmp_path):
-    """persistence repeats (12, 19.98): scaled prey errors −1, −2, −3, predator 0, so MSE 14/6."""
+    """persistence repeats (12, 19.98): scaled prey errors −1, −2, −3, predator 0, so MSE 14/6.
+    Its distribution: a Gaussian around the forecast, σ per horizon from the backtest on the
+    context (steps 4–6 from step 3: prey errors 1, 2, 3 scaled, so σ = h; predator exact, so
+    σ = the bin floor 0.01/√12). Every score comes from it, computed here with scipy: prey
+    z = 1 at every horizon, predator z = 0."""
     assert evaluate.main(base_args(setup, tmp_path, "--baseline", "persistence")) == 0
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["mse_scaled"] == pytest.approx(14 / 6, rel=REL)
@@ -173,19 +181,38 @@ def test_baseline_run_same_outputs_and_a_zero_flop_record(setup, tmp_path):
     assert (record["kind"], record["flops"], record["series"]) == ("baseline", 0, [0, 2])
     for f in ("per_series.csv", "forecasts.npz", "trajectories.png", "horizon.png"):
         assert (tmp_path / "eval" / f).stat().st_size > 0
-    # its density: a Gaussian around the forecast, σ per horizon from the backtest on the
-    # context (steps 4–6 from step 3: prey errors 1, 2, 3 scaled, so σ = h; predator exact, so
-    # σ = the bin floor 0.01/√12): per cell ½ln(2πσ²) + e²/(2σ²), e = σ for prey, 0 for predator
     floor = 0.01 / math.sqrt(12)
-    prey = [0.5 * math.log(2 * math.pi * h * h) + 0.5 for h in (1, 2, 3)]
-    nll = (sum(prey) + 3 * 0.5 * math.log(2 * math.pi * floor**2)) / 6
+    # NLL/D: the mass on the truth's bin (7, 8, 9 ± 0.005; predator 9.99 ± 0.005) / 0.01
+    norm = stats.norm
+    prey = [-math.log((norm.cdf(6 + h + 0.005, 6, h) - norm.cdf(6 + h - 0.005, 6, h)) / 0.01)
+            for h in (1, 2, 3)]
+    predator = -math.log((norm.cdf(0.005, 0, floor) - norm.cdf(-0.005, 0, floor)) / 0.01)
+    nll = (sum(prey) + 3 * predator) / 6
     assert m["nll_per_dim_scaled"] == pytest.approx(nll, rel=REL)
     assert m["nll_per_dim"] == pytest.approx(nll + math.log(2.0), rel=REL)
+    assert m["nll_per_dim_scaled"] >= -2 * math.log(10)
+    # CRPS: σ·[z(2Φ(z) − 1) + 2φ(z) − 1/√π], not the MAE (1)
+    crps = ((1 + 2 + 3) * (2 * norm.cdf(1) - 1 + 2 * norm.pdf(1) - 1 / math.sqrt(math.pi))
+            + 3 * floor * (2 * norm.pdf(0) - 1 / math.sqrt(math.pi))) / 6
+    assert m["crps_scaled"] == pytest.approx(crps, rel=REL)
+    assert m["mae_scaled"] == pytest.approx(1.0, rel=REL)
+    # coverage: prey |z| = 1 lies inside the central intervals of level ≥ 2Φ(1) − 1 = 68%,
+    # predator z = 0 inside all; PIT Φ(1) = 0.84 for prey, ½ for predator
+    assert m["coverage_curve"]["coverage"] == [0.5] * 6 + [1.0] * 3
+    assert (m["coverage"], m["coverage_level"]) == (1.0, pytest.approx(0.9))
+    assert m["pit_histogram"] == [0.0] * 5 + [0.5, 0.0, 0.0, 0.5, 0.0]
+    saved = np.load(tmp_path / "eval" / "forecasts.npz")
+    np.testing.assert_allclose(saved["sigma"][0] / m["alpha"], [[1, floor], [2, floor],
+                                                                [3, floor]], rtol=REL)
     assert evaluate.main(["--compare", str(tmp_path / "eval"), "--out", str(tmp_path / "c")]) == 0
-    row = (tmp_path / "c" / "compare.md").read_text().splitlines()[2]
+    header, _, row = (tmp_path / "c" / "compare.md").read_text().splitlines()[:3]
+    assert header == ("| run | series | decoding | MSE (scaled) | filled MSE (scaled) | CRPS "
+                      "(scaled) | NLL/D (scaled) | MAE (scaled) | coverage (its level) | parse "
+                      "failures | teacher-forced CE | generation CE |")
     # two identical series: every resample gives the same mean, so each interval is a point
     assert row == (f"| {tmp_path / 'eval'} | 2 | baseline | 2.333 [2.33, 2.33] | 2.333 [2.33, "
-                   "2.33] | 1 [1, 1] | -1.456 [-1.46, -1.46] | 1 [1, 1] | — | 0 | — | — |")
+                   f"2.33] | {crps:.4g} [{crps:.3g}, {crps:.3g}] | {nll:.4g} [{nll:.3g}, "
+                   f"{nll:.3g}] | 1 [1, 1] | 1 at 90.0% [1, 1] | 0 | — | — |")
 
 
 @pytest.mark.parametrize("name, steps", [
@@ -436,6 +463,27 @@ def test_compare_pairs_runs_on_the_same_series_and_refuses_others(setup, tmp_pat
         "forecasts.npz indices or true values differ); compare runs on the same data file, "
         "split and --limit\n")
     assert not (tmp_path / "c2").exists()
+
+
+def test_compare_shows_a_worse_run_minus_the_best_as_positive(setup, tmp_path, capsys):
+    """context-mean forecasts prey 6 (scaled 3) against 7, 8, 9: errors 4, 5, 6, so its MSE
+    is 77/6 against persistence's 14/6. Persistence is the best; context-mean's row shows run −
+    best = +63/6 = +10.5 on both MSEs, the interval above 0 (*), and the best winning both
+    series (0% / 100%). Swapping run and best would print −10.5 and 100% / 0%."""
+    folders = {name: tmp_path / name for name in ("persistence", "context-mean")}
+    for name, folder in folders.items():
+        args = base_args(setup, tmp_path, "--baseline", name, "--plot-series", "0")
+        assert evaluate.main([*args, "--out", str(folder)]) == 0
+    capsys.readouterr()
+    assert evaluate.main(["--compare", *map(str, folders.values()), "--out",
+                          str(tmp_path / "c")]) == 0
+    lines = (tmp_path / "c" / "compare.md").read_text().splitlines()
+    assert lines[-5].startswith(f"Paired with the best run by filled MSE, {folders['persistence']}")
+    assert lines[-2] == ("|---" * 6) + "|"
+    cells = lines[-1].split(" | ")
+    assert cells[0] == f"| {folders['context-mean']}"
+    worse = "+10.5 [+10.5, +10.5]*; wins 0% / 100%"
+    assert cells[1:3] == [worse, worse]  # filled MSE, MSE: run − best
 
 
 def test_compare_without_per_series_totals_is_a_one_line_error(setup, tmp_path, capsys):

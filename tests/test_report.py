@@ -96,12 +96,16 @@ def section(md: str, title: str) -> str:
     return match.group(1)
 
 
+KEYS = {label: key for key, label in metrics_module.LABELS.items()}
+
+
 def tables(text: str) -> list[list[dict]]:
-    """Every Markdown table of `text` as a list of {header: cell} rows."""
+    """Every Markdown table of `text` as a list of {header: cell} rows; a metric's readable
+    header ("MSE (scaled)") is read back as its metrics.json key (mse_scaled)."""
     out, lines = [], text.splitlines()
     for i, line in enumerate(lines):
         if line.startswith("|---") and i > 0:
-            headers = [h.strip() for h in lines[i - 1].strip("|").split("|")]
+            headers = [KEYS.get(h.strip(), h.strip()) for h in lines[i - 1].strip("|").split("|")]
             rows = []
             for row in lines[i + 1:]:
                 if not row.startswith("|"):
@@ -117,8 +121,8 @@ def shown(v: float | None) -> float | str:
 
 
 def read(cell: str) -> float | str:
-    """A cell's value, without the interval that may follow it."""
-    value = cell.split(" [")[0]
+    """A cell's value, without the level ("at 81.8%") and the interval that may follow it."""
+    value = cell.split(" [")[0].split(" at ")[0]
     return value if value == "—" else float(value)
 
 
@@ -342,13 +346,18 @@ def test_settings_and_results_tables_equal_their_source_records(runs):
             for key in set(report.METRIC_KEYS) & set(row):
                 assert same(row[key].split(" [")[0] if m[key] is not None else row[key],
                             m[key]), (folder, key)
+                if key == "coverage" and m[key] is not None:
+                    assert row[key].split(" [")[0].endswith(
+                        f" at {100 * m['coverage_level']:.1f}%"), row[key]
                 ci = m.get(f"{key}_ci95")
                 assert interval_of(row[key]) == (ci and [float(f"{x:.3g}") for x in ci]), key
                 checked += 1
     sampled = evaluation[1]
     assert sampled["decoding"] == "grammar-constrained, 6 samples"
-    assert {"crps_scaled", "coverage_50", "coverage_90", "nll_per_dim_scaled"} <= set(sampled)
-    assert sampled["coverage_90"] != "n/a" and checked >= 30
+    assert {"crps_scaled", "coverage", "nll_per_dim_scaled"} <= set(sampled)
+    # 6 samples: the interval nearest 90% is the 1st–6th, level 5/7
+    assert re.fullmatch(r"\S+ at 71\.4% \[\S+, \S+\]", sampled["coverage"]), sampled["coverage"]
+    assert checked >= 30
 
 
 def test_interval_figures_come_only_from_sampled_evaluations(runs):
@@ -357,7 +366,8 @@ def test_interval_figures_come_only_from_sampled_evaluations(runs):
     assert (f"Greedy forecasts: no samples in {final / 'eval' / 'forecasts.npz'}, so no "
             "intervals.") in text
     assert f"![sampled forecast intervals from {final / 'eval-samples' / 'forecasts.npz'}]" in text
-    assert f"![calibration of the samples in {final / 'eval-samples' / 'metrics.json'}]" in text
+    assert (f"![calibration of the samples in {final / 'eval-samples' / 'metrics.json'}, beside "
+            "the baselines of its split]") in text
     assert text.count("![sampled forecast intervals") == 1
     assert report.interval_figure(final / "eval" / "forecasts.npz", runs) is None
 
@@ -382,7 +392,8 @@ def write_eval(folder: Path, errors: np.ndarray, indices: list[int], split: str 
     `errors` (N, steps, 2)."""
     folder.mkdir(parents=True)
     truths = np.zeros(errors.shape)
-    scores, totals = metrics_module.score(errors[:, None], truths, truths[:, 0], alpha=1.0)
+    scores, totals = metrics_module.score(metrics_module.Samples(errors[:, None]), truths,
+                                          truths[:, 0], alpha=1.0)
     (folder / "metrics.json").write_text(json.dumps(
         scores | {"split": split, "n_series": len(errors), "teacher_forced_ce": None}))
     np.savez(folder / "forecasts.npz", indices=np.array(indices), truths=truths,
@@ -406,6 +417,34 @@ def test_headline_marks_differences_whose_interval_excludes_zero(tmp_path):
     same_errors = write_eval(tmp_path / "d", small, list(range(12)))
     d = report.versus_best(rows[:1] + [(["d"], same_errors, json.loads(same_errors.read_text()))])
     assert d[same_errors] == "+0 [+0, +0]; wins 0% / 0%"  # identical runs: no difference
+
+
+def test_baselines_show_coverage_and_calibration_like_sampled_runs(tmp_path):
+    """Two real baseline evaluations: each row's coverage is its Gaussian's at the exact level
+    90.0%, with the readable headers, and section 2 draws their calibration (PIT histogram and
+    coverage curve)."""
+    data.main(["--out", str(tmp_path / "lv.h5"), "--systems", "40", "--seed", "0"])
+    root = tmp_path / "runs"
+    for name in ("persistence", "linear"):
+        assert evaluate.main(["--data", str(tmp_path / "lv.h5"), "--baseline", name, "--limit",
+                              "4", "--forecast-steps", "3", "--plot-series", "0", "--out",
+                              str(root / "baselines" / "val" / name), "--ledger",
+                              str(root / "ledger.jsonl")]) == 0
+    assert report.main(["--runs", str(root)]) == 0
+    text = section(read_md(root), "2. The untrained model")
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    assert "| MSE (scaled) |" in header and "| coverage (its level) |" in header
+    (table,) = tables(text)
+    assert [row["model"] for row in table] == ["linear (val)", "persistence (val)"]
+    for row in table:
+        m = metrics(root / "baselines" / "val" / row["model"].split()[0])
+        assert m["coverage_curve"]["levels"] == pytest.approx(metrics_module.GAUSSIAN_LEVELS)
+        assert len(m["pit_histogram"]) == metrics_module.PIT_BINS
+        assert read(row["coverage"]) == shown(m["coverage"])
+        assert row["coverage"].split(" [")[0].endswith(" at 90.0%"), row["coverage"]
+        assert read(row["crps_scaled"]) != read(row["mae_scaled"])
+    assert "![calibration of the baselines and sampled runs above](calibration-baselines.png)" in (
+        text)
 
 
 def test_flop_section_shows_the_plan_the_sweep_ran(tiny, tmp_path):
