@@ -1,8 +1,10 @@
-"""qwen-min against transformers + PEFT: LoRA training, forecast generation and loading.
+"""qwen-min against transformers + PEFT: LoRA training, forecast generation, decoding at batch 1
+and loading.
 
-    make bench                                   # the default run (about 15 min on 2 CPU cores)
+    make bench                                   # the default run (about 17 min on 2 CPU cores)
     .venv/bin/python bench/bench.py --quick      # a smoke run in about 3 minutes
     .venv/bin/python bench/bench.py --only train,load --skip-hf
+    .venv/bin/python bench/bench.py --only decode  # batch-1 decoding and its bound (~2 min)
     python3 bench/bench.py --device cuda --quick # on a GPU (bench/gpu.sh runs it there)
     .venv/bin/python bench/bench.py --tiny --quick --only train --modes eager,compiled
                                                  # a tiny random model: checks the script runs
@@ -28,9 +30,10 @@ official checkpoint is stored), to --cache; both loaders read that folder.
     (`prefill`, then `decode_step` per token: what chat.py runs); transformers runs
     `generate` (greedy), and once more with oneDNN off, the kernel switch qwen-min makes at
     one row. Prefill tokens/s = prompt tokens / time to the first token; decode tokens/s =
-    tokens after the first / the time they took; best of 3 runs. The bound beside it, measured
-    in the same run: every weight read once per token plus the KV cache, over the bandwidth of
-    a large copy (bytes read + bytes written). `--only decode` runs these rows alone.
+    tokens after the first / the time they took; best of --decode-repeats runs. The bound
+    beside it, measured in the same run: every weight read once per token plus the KV cache,
+    over the bandwidth of a large copy (bytes read + bytes written). `--only decode` runs
+    these rows alone (`make bench ONLY=decode`).
 
 On a GPU (--device cuda) the same tables, and more rows: the training step at contexts 512 and
 768, each implementation eager and compiled (qwen-min: qwen_min.compiled.CompiledTrainStep,
@@ -400,9 +403,8 @@ def chat_prompt(length: int, vocab: int) -> torch.Tensor:
 
 
 def decode_ours(model, ids: torch.Tensor, n: int, stamps: list[float]) -> list[int]:
-    """n greedy tokens through generate.py's greedy core, the time after each appended to
-    `stamps`: prefill, then
-    decode_step per token, with the KV cache (the loop chat.py runs)."""
+    """n greedy tokens through generate.py's greedy core (prefill, then decode_step per token
+    over the KV cache: the loop chat.py runs); the time after each is appended to `stamps`."""
     from qwen_min import KVCache
     from qwen_min.generate import cache_dtype, decode_step, prefill
 
@@ -641,6 +643,10 @@ def decode_table(args, cfg, device: torch.device, job) -> tuple[list[str], str]:
         f"(qwen-min at {100 * rate['ours'] / read_bound:.0f}% of it).",
         "",
     ]
+    if "hf" in results:
+        a, b = results["ours"]["tokens"], results["hf"]["tokens"]
+        same = sum(x == y for x, y in zip(a, b))
+        lines += [f"Greedy tokens: qwen-min and transformers agree on {same} of {len(a)}.", ""]
     note = (f"Decoding at batch 1: qwen-min {rate['ours']:.1f} tokens/s"
             + (f", transformers {rate['hf']:.1f} ({rate['ours'] / rate['hf']:.2f}×)"
                if "hf" in rate else "")

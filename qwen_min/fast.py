@@ -53,9 +53,9 @@ def one_row_matmuls(rows: int, device: torch.device) -> Iterator[None]:
     """Within it, on CPU and when a pass has one row, the matrix products skip oneDNN.
 
     Why: decoding one sequence multiplies a single row by every weight, so each weight is read
-    once for 2 FLOPs and only memory bandwidth counts. On this project's CPU (bf16 weights,
-    out of cache) oneDNN's kernel reads them at 28–31 GB/s and torch's own matrix-vector
-    kernel at 45–51 GB/s, the speed of a large copy: a decoding step of the 0.5B model takes
+    once for 2 FLOPs and only memory bandwidth counts. On this project's CPU (the 0.5B's bf16
+    weights, out of cache) oneDNN's kernel reads them at 23–31 GB/s and torch's own
+    matrix-vector kernel at 44–51 GB/s, about as fast as a large copy: a decoding step takes
     28 ms instead of 52 (docs/speed.md). From two rows on oneDNN is faster, so the switch is on
     only for one row. The flag is process-wide (torch.backends.mkldnn), so it is put back on
     exit, an exception included. FLOPs and results are the same up to the rounding of the
