@@ -8,14 +8,11 @@ does it; tests/test_fast_paths.py checks each against the plain function).
   * the loss → `chunked_linear_cross_entropy`: the head and the softmax a chunk of rows at a
     time, never holding all the logits, with the gradients computed in the forward pass.
 
-And one switch that generate.decode_step turns on around a pass: `one_row_matmuls`, torch's own
+And one switch that generate.decode_step turns on around a pass: `OneRowMatmuls`, torch's own
 matrix-vector kernel instead of oneDNN's for the products of a single row (decoding at batch 1).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -43,32 +40,6 @@ def sdpa_attention(
     if q.shape[2] == 1:  # one query per head (decoding): on CPU the plain ops beat SDPA's kernel
         return attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
-
-
-# ----------------------------------------------------------------------------- one-row products
-
-
-@contextmanager
-def one_row_matmuls(rows: int, device: torch.device) -> Iterator[None]:
-    """Within it, on CPU and when a pass has one row, the matrix products skip oneDNN.
-
-    Why: decoding one sequence multiplies a single row by every weight, so each weight is read
-    once for 2 FLOPs and only memory bandwidth counts. On this project's CPU (the 0.5B's bf16
-    weights, out of cache) oneDNN's kernel reads them at 23–31 GB/s and torch's own
-    matrix-vector kernel at 44–51 GB/s, about as fast as a large copy: a decoding step takes
-    28 ms instead of 52 (docs/speed.md). From two rows on oneDNN is faster, so the switch is on
-    only for one row. The flag is process-wide (torch.backends.mkldnn), so it is put back on
-    exit, an exception included. FLOPs and results are the same up to the rounding of the
-    products' sums."""
-    if rows != 1 or device.type != "cpu":
-        yield
-        return
-    before = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = before
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -151,3 +122,32 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
         )
+
+
+# ----------------------------------------------------------------------------- one-row products
+
+
+class OneRowMatmuls:
+    """`with OneRowMatmuls(rows, device):` on CPU, when a pass has one row, its matrix products
+    skip oneDNN.
+
+    Why: decoding one sequence multiplies a single row by every weight, so each weight is read
+    once for 2 FLOPs and only memory bandwidth counts. On this project's CPU (the 0.5B's bf16
+    weights, out of cache) oneDNN's kernel reads them at 23–31 GB/s and torch's own
+    matrix-vector kernel at 44–51 GB/s, about as fast as a large copy: a decoding step takes
+    28 ms instead of 52 (docs/speed.md). From two rows on oneDNN is faster, so the switch is on
+    only for one row. The flag is process-wide (torch.backends.mkldnn), so it is put back on
+    exit, an exception included. FLOPs and results are the same up to the rounding of the
+    products' sums."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.on = rows == 1 and device.type == "cpu"
+
+    def __enter__(self) -> None:
+        if self.on:
+            self.before = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            torch.backends.mkldnn.enabled = self.before

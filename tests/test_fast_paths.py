@@ -9,16 +9,12 @@
     cache under bf16 autocast;
   * a bf16 base with fp32 LoRA tensors trains under autocast;
   * generate's prefill in parts of a few rows == the whole batch at once;
-  * decoding at batch 1 skips oneDNN (fast.one_row_matmuls) and gives oneDNN's logits;
   * the training forward has no graph break for torch.compile; the KV cache keeps its length.
 
 Each bound is set from the difference measured on this machine (written beside it).
 """
 
 from __future__ import annotations
-
-import sys
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -27,13 +23,8 @@ import torch.nn.functional as F
 import flops
 from lora import apply_lora, lora_parameters
 from qwen_min import KVCache, Qwen2Config, Qwen2ForCausalLM, count_flops, generate
-from qwen_min.fast import (
-    chunked_linear_cross_entropy,
-    one_row_matmuls,
-    sdpa_attention,
-    use_fast_paths,
-)
-from qwen_min.generate import cache_dtype, decode_step, prefill
+from qwen_min.fast import chunked_linear_cross_entropy, sdpa_attention, use_fast_paths
+from qwen_min.generate import cache_dtype
 from qwen_min.model import attention, cross_entropy, positions_and_mask
 
 CFG = Qwen2Config(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -265,54 +256,6 @@ def test_prefill_in_row_parts_equals_one_pass():
     assert (l2 - l5).abs().max().item() <= 8e-6  # measured: 3.8e-6 (logits up to ~40)
     assert c2.length == c5.length == 12
     assert (c2.k - c5.k).abs().max().item() <= 1e-6 and c2.k.abs().sum() > 0  # measured: 0.0
-
-
-def test_one_row_matmuls_skips_onednn_for_one_row_on_cpu_and_puts_it_back():
-    cpu = torch.device("cpu")
-    seen = {}
-    for rows in (1, 2):
-        with one_row_matmuls(rows, cpu):
-            seen[rows] = torch.backends.mkldnn.enabled
-    assert seen == {1: False, 2: True} and torch.backends.mkldnn.enabled
-    with pytest.raises(RuntimeError, match="^inside$"), one_row_matmuls(1, cpu):
-        raise RuntimeError("inside")
-    assert torch.backends.mkldnn.enabled
-
-
-def decode_once(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
-    """The logits of one decode_step after a prefill of ids[:, :-1], and whether oneDNN was
-    on during each forward pass of the model (prefill, then the step)."""
-    B, T = ids.shape
-    flags = []
-    hook = model.register_forward_hook(lambda *_: flags.append(torch.backends.mkldnn.enabled))
-    cache = KVCache(model.cfg, B, T, cache_dtype(model), "cpu")
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        prefill(model, ids[:, :-1], mask[:, :-1], cache, prefill_rows=B)
-        logits = decode_step(model, ids[:, -1], mask, cache)
-    hook.remove()
-    return logits, flags
-
-
-def test_decode_step_at_batch_1_skips_onednn_and_gives_its_logits(monkeypatch):
-    """bf16 weights, as a chat decodes: only the one-row step runs without oneDNN; its
-    logits are oneDNN's, up to the rounding of the products' sums."""
-    # products of ≥ 16³ multiply-adds: below that torch skips oneDNN at any setting
-    cfg = Qwen2Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    model = build(cfg).eval().to(torch.bfloat16)
-    ids = batch(cfg, B=2, T=9)[0]
-    _, flags = decode_once(model, ids[:1])
-    assert flags == [True, False]
-    _, flags = decode_once(model, ids)  # two rows: oneDNN throughout
-    assert flags == [True, True]
-    fast, _ = decode_once(model, ids[:1])
-    generate_module = sys.modules["qwen_min.generate"]  # qwen_min.generate is the function
-    monkeypatch.setattr(generate_module, "one_row_matmuls", lambda rows, device: nullcontext())
-    want, flags = decode_once(model, ids[:1])
-    assert flags == [True, True]
-    # measured: 0.0 (logits up to 117, where one bf16 step is 0.5)
-    assert (fast.float() - want.float()).abs().max().item() <= 0.5
 
 
 @pytest.mark.parametrize("padded", [False, True])
