@@ -90,8 +90,12 @@ chat:
 demo:
 	bash tools/demo.sh
 
-# qwen-min against transformers + PEFT on this machine: training, evaluation, loading (about
-# 15 min on 2 CPU cores; bench/results.md). QUICK=1: a 3-minute smoke run. DEVICE=cuda: the GPU
+# qwen-min against transformers + PEFT on this machine: training, evaluation, decoding at batch
+# 1 against the memory-bandwidth bound, loading (about 17 min on 2 CPU cores; bench/results.md).
+# QUICK=1: a 3-minute smoke run. ONLY=decode: the decoding rows and their bound alone (about
+# 2 min; ONLY takes a comma-separated list of train,eval,decode,load,e2e). DEVICE=cuda: the GPU
 # tables, eager and compiled (bench/results-gpu.md; bench/gpu.sh runs it without the venv)
+ONLY ?=
 bench:
-	$(PY) bench/bench.py $(if $(QUICK),--quick) $(if $(DEVICE),--device $(DEVICE)) $(ARGS)
+	$(PY) bench/bench.py $(if $(QUICK),--quick) $(if $(DEVICE),--device $(DEVICE)) \
+		$(if $(ONLY),--only $(ONLY)) $(ARGS)

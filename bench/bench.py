@@ -1,8 +1,10 @@
-"""qwen-min against transformers + PEFT: LoRA training, forecast generation and loading.
+"""qwen-min against transformers + PEFT: LoRA training, forecast generation, decoding at batch 1
+and loading.
 
-    make bench                                   # the default run (about 15 min on 2 CPU cores)
+    make bench                                   # the default run (about 17 min on 2 CPU cores)
     .venv/bin/python bench/bench.py --quick      # a smoke run in about 3 minutes
     .venv/bin/python bench/bench.py --only train,load --skip-hf
+    .venv/bin/python bench/bench.py --only decode  # batch-1 decoding and its bound (~2 min)
     python3 bench/bench.py --device cuda --quick # on a GPU (bench/gpu.sh runs it there)
     .venv/bin/python bench/bench.py --tiny --quick --only train --modes eager,compiled
                                                  # a tiny random model: checks the script runs
@@ -23,6 +25,15 @@ official checkpoint is stored), to --cache; both loaders read that folder.
     Seconds per series, and the time for all 150 validation series at that batch size.
   * load: the checkpoint to a model that has produced its first logits (load_model against
     from_pretrained; the file is in the page cache).
+  * decode: what a chat feels at batch 1, bf16 weights: a --decode-prompt-token prompt, then
+    --decode-tokens greedy tokens with the cache on. qwen-min runs generate.py's greedy core
+    (`prefill`, then `decode_step` per token: what chat.py runs); transformers runs
+    `generate` (greedy), and once more with oneDNN off, the kernel switch qwen-min makes at
+    one row. Prefill tokens/s = prompt tokens / time to the first token; decode tokens/s =
+    tokens after the first / the time they took; best of --decode-repeats runs. The bound
+    beside it, measured in the same run: every weight read once per token plus the KV cache,
+    over the bandwidth of a large copy (bytes read + bytes written). `--only decode` runs
+    these rows alone (`make bench ONLY=decode`).
 
 On a GPU (--device cuda) the same tables, and more rows: the training step at contexts 512 and
 768, each implementation eager and compiled (qwen-min: qwen_min.compiled.CompiledTrainStep,
@@ -151,6 +162,29 @@ def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
         sync(device)
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12)
     return best
+
+
+def memory_bandwidth(device: torch.device, mib: int = 512) -> tuple[float, float]:
+    """(copy, read) GB/s, best of 5: a copy of `mib` MiB into another tensor, counted as the
+    bytes read plus the bytes written (2 × mib MiB); and a sum over `mib` MiB of fp32, read
+    only. Both tensors are far larger than the caches, so memory serves every byte."""
+    n = mib * 2**20
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    floats = torch.ones(n // 4, device=device)
+
+    def best(f) -> float:
+        f()
+        times = []
+        for _ in range(5):
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return 2 * n / best(lambda: dst.copy_(src)) / 1e9, n / best(floats.sum) / 1e9
 
 
 def sync(device: torch.device) -> None:
@@ -361,7 +395,80 @@ def work_e2e(job: dict) -> dict:
     return {"seconds": t.seconds, "others": t.others}
 
 
-WORKERS = {"train": work_train, "eval": work_eval, "load": work_load, "e2e": work_e2e}
+def chat_prompt(length: int, vocab: int) -> torch.Tensor:
+    """(1, length) random ids below the special tokens (151643 on): a stand-in for a chat
+    prompt, whose content does not change the work."""
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, min(vocab, PAD_ID), (1, length), generator=g)
+
+
+def decode_ours(model, ids: torch.Tensor, n: int, stamps: list[float]) -> list[int]:
+    """n greedy tokens through generate.py's greedy core (prefill, then decode_step per token
+    over the KV cache: the loop chat.py runs); the time after each is appended to `stamps`."""
+    from qwen_min import KVCache
+    from qwen_min.generate import cache_dtype, decode_step, prefill
+
+    T = ids.shape[1]
+    cache = KVCache(model.cfg, 1, T + n, cache_dtype(model, ids.device), ids.device)
+    mask = torch.ones(1, T + n, dtype=torch.long, device=ids.device)
+    logits = prefill(model, ids, mask[:, :T], cache, prefill_rows=1)  # (1, V)
+    tokens = []
+    for i in range(1, n + 1):
+        token = logits.argmax(-1)  # (1,)
+        tokens.append(int(token))  # waits for the device, as a streamed token would
+        stamps.append(time.perf_counter())
+        if i < n:
+            logits = decode_step(model, token, mask[:, : T + i], cache)
+    return tokens
+
+
+def decode_hf(model, ids: torch.Tensor, n: int, stamps: list[float]) -> list[int]:
+    """n greedy tokens of transformers' generate (cache on); its streamer stamps each."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.calls = 0
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls > 1:  # the first call hands over the prompt
+                stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                         min_new_tokens=n, do_sample=False, streamer=Stamps(),
+                         pad_token_id=PAD_ID)  # fmt: skip
+    return out[0, ids.shape[1] :].tolist()
+
+
+def work_decode(job: dict) -> dict:
+    impl, ckpt, device = job["impl"], Path(job["ckpt"]), torch.device(job["device"])
+    model = (load_ours if impl == "ours" else load_hf)(ckpt, job["weights"], device)
+    if not job["onednn"]:  # the whole run, prefill included: transformers has no per-row switch
+        torch.backends.mkldnn.enabled = False
+    ids = chat_prompt(job["prompt"], job["vocab"]).to(device)
+    run = decode_ours if impl == "ours" else decode_hf
+    best, others = None, []
+    for r in range(1 + job["repeats"]):  # the first run warms up: allocations, kernel choice
+        stamps = [time.perf_counter()]
+        with torch.no_grad(), Timer() as t:
+            tokens = run(model, ids, job["new_tokens"], stamps)
+        if r == 0:
+            continue
+        others.append(t.others)
+        prefill_s, decode_s = stamps[1] - stamps[0], stamps[-1] - stamps[1]
+        best = best or {"prefill_s": prefill_s, "decode_s": decode_s}
+        best = {"prefill_s": min(best["prefill_s"], prefill_s),
+                "decode_s": min(best["decode_s"], decode_s)}
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
+    return best | {"tokens": tokens, "others": others, "weight_bytes": weight_bytes}
+
+
+WORKERS = {"train": work_train, "eval": work_eval, "load": work_load, "e2e": work_e2e,
+           "decode": work_decode}
 
 
 def worker_main(spec: str) -> None:
@@ -486,6 +593,68 @@ def train_table(args, cfg, L: int, peak: dict, hf_weights, job, mem: str, flops)
     ]
 
 
+def decode_table(args, cfg, device: torch.device, job) -> tuple[list[str], str]:
+    """The batch-1 decoding rows against the memory-bandwidth bound, and the closing note."""
+    P, N = args.decode_prompt, args.decode_tokens
+    kw = dict(prompt=P, new_tokens=N, repeats=args.decode_repeats)
+    results = {"ours": job("decode", "ours", "bf16", onednn=True, **kw)}
+    if not args.skip_hf:
+        results["hf"] = job("decode", "hf", "bf16", onednn=True, **kw)
+        results["hf, oneDNN off"] = job("decode", "hf", "bf16", onednn=False, **kw)
+    wait_for_idle(args.wait_idle)
+    copy_gbs, read_gbs = memory_bandwidth(device)
+    # the bytes a bf16 decoder must read per token: every weight once (the tied embedding and
+    # head once), and the keys and values of every earlier position, bf16, at the mean context
+    # of the N tokens (positions P … P + N − 1)
+    kv_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2 * (P + N / 2)
+    per_token = results["ours"]["weight_bytes"] + kv_bytes
+    bound, read_bound = copy_gbs * 1e9 / per_token, read_gbs * 1e9 / per_token
+    rate = {k: (N - 1) / r["decode_s"] for k, r in results.items()}
+    prefill = {k: P / r["prefill_s"] for k, r in results.items()}
+    names = {"ours": "qwen-min (prefill + decode_step)", "hf": "transformers generate",
+             "hf, oneDNN off": "transformers generate, oneDNN off"}
+    rows = []
+    for k, r in results.items():
+        ratio = (f"**{rate['ours'] / rate[k]:.2f}×** / {prefill['ours'] / prefill[k]:.2f}×"
+                 if k != "ours" else "")
+        rows.append([names[k], fmt(prefill[k]), fmt(rate[k]), fmt(1000 / rate[k]),
+                     f"{100 * rate[k] / bound:.0f}%", f"{100 * noise(r):.0f}%", ratio])
+    lines = [
+        f"**Decoding at batch 1** (bf16 weights, no autocast; a {P}-token prompt, then {N} "
+        "greedy tokens with the KV cache; best of "
+        f"{args.decode_repeats} runs after a warm-up run). Prefill: prompt tokens / time to "
+        "the first token. Decode: the tokens after the first / their time. qwen-min/x: "
+        "qwen-min's speed over this row's, decode / prefill. transformers with oneDNN off: "
+        "torch.backends.mkldnn.enabled = False for the whole call (transformers has no "
+        "one-row switch).",
+        "",
+        *table(["implementation", "prefill tok/s", "decode tok/s", "ms/token",
+                "of the bound", "others", "qwen-min/x"], rows),
+        "",
+        f"Bound: {per_token / 1e6:.0f} MB read per token "
+        f"({results['ours']['weight_bytes'] / 1e6:.0f} MB of bf16 weights, each once, the tied "
+        f"embedding and head once; {kv_bytes / 1e6:.1f} "
+        f"MB of bf16 keys and values at the mean context of {P + N / 2:.0f} positions) over "
+        f"**{copy_gbs:.1f} GB/s**, the bandwidth of a 512 MiB copy counted as bytes read + "
+        f"bytes written (2 × 512 MiB; the hardware may also read each destination line "
+        f"before writing it, which is not counted, so the true bandwidth may be higher) = "
+        f"**{bound:.1f} tokens/s**. A read-only pass (sum of 512 MiB of fp32) reached "
+        f"{read_gbs:.1f} GB/s, a bound of {read_bound:.1f} tokens/s "
+        f"(qwen-min at {100 * rate['ours'] / read_bound:.0f}% of it).",
+        "",
+    ]
+    if "hf" in results:
+        a, b = results["ours"]["tokens"], results["hf"]["tokens"]
+        same = sum(x == y for x, y in zip(a, b))
+        lines += [f"Greedy tokens: qwen-min and transformers agree on {same} of {len(a)}.", ""]
+    note = (f"Decoding at batch 1: qwen-min {rate['ours']:.1f} tokens/s"
+            + (f", transformers {rate['hf']:.1f} ({rate['ours'] / rate['hf']:.2f}×)"
+               if "hf" in rate else "")
+            + f"; bound {bound:.1f} tokens/s ({copy_gbs:.1f} GB/s copy), qwen-min at "
+            f"{100 * rate['ours'] / bound:.0f}% of it.")
+    return lines, note
+
+
 def e2e_inputs(args, ckpt: Path, cache: Path, log) -> Path | None:
     """The checkpoint's tokenizer.json and a simulated data file for evaluate.py; None (and
     why, in the log) where no tokenizer can be had."""
@@ -537,8 +706,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "cuda: 150, one batch; also evaluate.py's in e2e)")
     p.add_argument("--hf-eval-batches", default="1,16,32", help="transformers' batches to try")
     p.add_argument("--series", type=int, default=150, help="validation series (projection)")
-    p.add_argument("--only", help="which parts, comma-separated (default: train,eval,load; "
-                   "cuda: train,eval,e2e,load)")
+    p.add_argument("--decode-prompt", type=int, default=256, help="decode rows: prompt length")
+    p.add_argument("--decode-tokens", type=int, default=64, help="decode rows: greedy tokens")
+    p.add_argument("--decode-repeats", type=int, default=3, help="decode rows: timed runs")
+    p.add_argument("--only", help="which parts, comma-separated (default: train,eval,decode,"
+                   "load; cuda: train,eval,e2e,decode,load); --only decode: the batch-1 "
+                   "decoding rows and their bound alone (about 2 min)")
     p.add_argument("--skip-hf", action="store_true", help="qwen-min only (no ratios)")
     p.add_argument(
         "--hf-weights",
@@ -567,7 +740,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="where the random checkpoint is written once",
     )
     p.add_argument("--out", help="the tables (default bench/results.md; cuda: "
-                   "bench/results-gpu.md; --tiny: runs/bench-tiny.md)")
+                   "bench/results-gpu.md; --only PARTS: bench/results-PARTS.md, e.g. "
+                   "bench/results-decode.md; --tiny: runs/bench-tiny.md)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -577,6 +751,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.hf_weights, args.hf_eval_batches = "bf16", "1"
     elif args.quick:
         args.context, args.steps, args.new_tokens, args.eval_batch = 128, 1, 24, 4
+        args.decode_tokens = 16
         args.hf_eval_batches = "1,4"
     if args.eval_batch is None:
         args.eval_batch = 150 if gpu else 50
@@ -587,10 +762,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise SystemExit("--modes cudagraphs needs --device cuda (CUDA graphs are GPU-only)")
     if "compiled" in args.modes or "cudagraphs" in args.modes:
         args.warmup = max(args.warmup, 3)  # compile, then CUDA graph warm-up and recording
-    args.only = args.only or ("train,eval,e2e,load" if gpu else "train,eval,load")
-    if args.out is None:
-        args.out = ("runs/bench-tiny.md" if args.tiny else
-                    "bench/results-gpu.md" if gpu else "bench/results.md")
+    every = "train,eval,e2e,decode,load" if gpu else "train,eval,decode,load"
+    part = args.only and set(args.only.split(",")) != set(every.split(","))
+    args.only = args.only or every
+    if args.out is None:  # a part (--only) never writes over the whole table
+        args.out = ("runs/bench-tiny.md" if args.tiny else "bench/results"
+                    + ("-gpu" if gpu else "") + ("-" + args.only.replace(",", "-") if part else "")
+                    + ".md")
     return args
 
 
@@ -711,6 +889,11 @@ def main(argv=None) -> int:
     if "e2e" in only:
         out += e2e_table(args, ckpt, cache, job, log)
 
+    note = None
+    if "decode" in only:
+        lines, note = decode_table(args, cfg, device, job)
+        out += lines
+
     if "load" in only:
         rows = []
         settings = [("ours", "bf16"), ("ours", "fp32")]
@@ -739,6 +922,7 @@ def main(argv=None) -> int:
 
     cmd = "python bench/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out += [f"Command: `{cmd.strip()}`; wall time {(time.time() - started) / 60:.1f} min."]
+    out += ["", note] if note else []
     text = "\n".join(out) + "\n"
     log()
     log(text)

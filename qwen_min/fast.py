@@ -8,6 +8,9 @@ does it; tests/test_fast_paths.py checks each against the plain function).
     SDPA's kernel on CPU.
   * the loss → `chunked_linear_cross_entropy`: the head and the softmax a chunk of rows at a
     time, never holding all the logits, with the gradients computed in the forward pass.
+
+And one switch that generate.decode_step turns on around a pass: `OneRowMatmuls`, torch's own
+matrix-vector kernel instead of oneDNN's for the products of a single row (decoding at batch 1).
 """
 
 from __future__ import annotations
@@ -140,3 +143,32 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
         )
+
+
+# ----------------------------------------------------------------------------- one-row products
+
+
+class OneRowMatmuls:
+    """`with OneRowMatmuls(rows, device):` on CPU, when a pass has one row, its matrix products
+    skip oneDNN.
+
+    Why: decoding one sequence multiplies a single row by every weight, so each weight is read
+    once for 2 FLOPs and only memory bandwidth counts. On this project's CPU (the 0.5B's bf16
+    weights, out of cache) oneDNN's kernel reads them at 23–31 GB/s and torch's own
+    matrix-vector kernel at 44–51 GB/s, about as fast as a large copy: a decoding step takes
+    28 ms instead of 52 (docs/speed.md). From two rows on oneDNN is faster, so the switch is on
+    only for one row. The flag is process-wide (torch.backends.mkldnn), so it is put back on
+    exit, an exception included. FLOPs and results are the same up to the rounding of the
+    products' sums."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.on = rows == 1 and device.type == "cpu"
+
+    def __enter__(self) -> None:
+        if self.on:
+            self.before = torch.backends.mkldnn.enabled
+            torch.backends.mkldnn.enabled = False
+
+    def __exit__(self, *exc) -> None:
+        if self.on:
+            torch.backends.mkldnn.enabled = self.before
