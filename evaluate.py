@@ -577,10 +577,14 @@ def plot_horizon(out, curves: dict[str, list[float]], ylabel: str, name: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
+    positive = False
     for label, y in curves.items():
         y = [np.nan if v is None else v for v in y]
+        positive |= any(v > 0 for v in y)  # NaN > 0 is False
         ax.plot(np.arange(1, len(y) + 1), y, "o-", label=label)
-    ax.set(xlabel="forecast horizon (time steps)", ylabel=ylabel, yscale="log")
+    # a log axis spreads errors that span decades; an exact forecast (all 0) keeps a linear one
+    ax.set(xlabel="forecast horizon (time steps)", ylabel=ylabel,
+           yscale="log" if positive else "linear")
     ax.legend(fontsize=8)
     plot(out, name, fig)
     plt.close(fig)
