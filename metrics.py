@@ -262,10 +262,14 @@ def backtest_sigma(errors: np.ndarray, decimals: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- calibration
 
 
-def headline(levels: list[float | None]) -> int:
+def headline(levels: list[float | None]) -> int | None:
     """Index of the level nearest HEADLINE_LEVEL (the wider on a tie): the interval whose
-    coverage metrics.json reports as `coverage`, beside its exact level `coverage_level`."""
-    return min(range(len(levels)), key=lambda i: (abs(levels[i] - HEADLINE_LEVEL), -levels[i]))
+    coverage metrics.json reports as `coverage`, beside its exact level `coverage_level`.
+    A level is None where no cell had enough parsed samples for it; None if all are."""
+    scored = [i for i, level in enumerate(levels) if level is not None]
+    if not scored:
+        return None
+    return min(scored, key=lambda i: (abs(levels[i] - HEADLINE_LEVEL), -levels[i]))
 
 
 def calibration(forecast: Forecast, truths: np.ndarray) -> dict:
@@ -313,7 +317,8 @@ def series_totals(forecast: Forecast, truths: np.ndarray, last_context: np.ndarr
     if forecast.spread:
         intervals = forecast.intervals(truths)
         at = headline([mean_or_none(level) for _, level in intervals])
-        totals["coverage"] = per_series(intervals[at][0])
+        if at is not None:
+            totals["coverage"] = per_series(intervals[at][0])
     if nll_scaled is not None:
         sums, counts = per_series(nll_scaled)
         totals["nll_per_dim_scaled"] = sums, counts
@@ -422,8 +427,8 @@ def score(forecast: Forecast, truths: np.ndarray, last_context: np.ndarray, alph
     metrics |= calibration(forecast, truths)
     curve = metrics["coverage_curve"]
     at = headline(curve["levels"]) if curve else None
-    metrics |= {"coverage": None if curve is None else curve["coverage"][at],
-                "coverage_level": None if curve is None else curve["levels"][at]}
+    metrics |= {"coverage": None if at is None else curve["coverage"][at],
+                "coverage_level": None if at is None else curve["levels"][at]}
     metrics |= {k: ratio(*totals[k]) if k in totals else None
                 for k in ("nll_per_dim_scaled", "nll_per_dim")}
     metrics |= {

@@ -84,6 +84,20 @@ def test_score_reports_the_interval_nearest_90_percent_at_its_level():
     assert m["coverage_curve"] == {"levels": [0.5], "coverage": [0.5]}
 
 
+def test_samples_too_few_for_any_interval_score_without_coverage():
+    """10 samples of which only one parsed per cell (an unconstrained run that rarely parses):
+    no cell has the 2 a central interval needs, so there is no coverage to report, and the
+    other scores still come from the one parsed sample."""
+    values = np.full((2, 10, 1, 2), np.nan)
+    values[:, 0] = 1.0
+    truths = np.full((2, 1, 2), 1.5)
+    m, totals = metrics.score(metrics.Samples(values), truths, np.zeros((2, 2)), alpha=1.0)
+    assert (m["coverage"], m["coverage_level"]) == (None, None)
+    assert "coverage" not in totals
+    assert m["coverage_curve"]["levels"] == [None] * 5
+    assert (m["mae_scaled"], m["crps_scaled"], m["parse_failure_rate"]) == (0.5, 0.5, 0.9)
+
+
 def test_bootstrap_interval_of_a_mean_of_normal_samples():
     """The mean of n N(0, 1) draws: its 95% interval covers 0 and is about 2·1.96/√n wide
     (measured over seeds 0–9 of the draws: width / (2·1.96/√n) in 0.91–1.06; seed 7's mean
