@@ -5,7 +5,7 @@
     echo "Hi" | python chat.py --model PATH             # stdin, when it is not a terminal
 
 Interactive: a `>>> ` prompt line, the answer streamed as it is written, the history kept;
-`/reset` forgets it, Ctrl-D (or an empty line at the end of piped input) ends.
+`/reset` forgets it, Ctrl-D ends. Piped stdin is read whole, as one message.
 
 Each turn prefills only its new tokens: the cache already holds the conversation so far, the
 model's own replies included (the ids it wrote, not their text re-tokenized). When the next turn
@@ -17,8 +17,8 @@ Sampling as the model card ships it: temperature, top_p, top_k and repetition_pe
 model folder's generation_config.json, else Qwen2.5-0.5B-Instruct's own values (FALLBACK_SAMPLING);
 each flag overrides its setting; --greedy picks the most likely token (the repetition penalty
 still applies, as in transformers' generate with do_sample=False). The answer stops at
-<|im_end|> or <|endoftext|>, or after --max-new-tokens. Decoding runs the greedy core of
-qwen_min/generate.py (prefill, decode_step), batch 1; tokens/s go to stderr after each answer.
+<|im_end|> or <|endoftext|>, or after --max-new-tokens. Decoding runs qwen_min/generate.py's
+prefill and decode_step, batch 1; tokens/s go to stderr after each answer.
 """
 
 from __future__ import annotations

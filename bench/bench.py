@@ -26,8 +26,8 @@ official checkpoint is stored), to --cache; both loaders read that folder.
   * load: the checkpoint to a model that has produced its first logits (load_model against
     from_pretrained; the file is in the page cache).
   * decode: what a chat feels at batch 1, bf16 weights: a --decode-prompt-token prompt, then
-    --decode-tokens greedy tokens with the cache on. qwen-min runs generate.py's greedy core
-    (`prefill`, then `decode_step` per token: what chat.py runs); transformers runs
+    --decode-tokens greedy tokens with the cache on. qwen-min runs generate.py's `prefill`,
+    then `decode_step` per token (what chat.py runs); transformers runs
     `generate` (greedy), and once more with oneDNN off, the kernel switch qwen-min makes at
     one row. Prefill tokens/s = prompt tokens / time to the first token; decode tokens/s =
     tokens after the first / the time they took; best of --decode-repeats runs. The bound
@@ -403,8 +403,8 @@ def chat_prompt(length: int, vocab: int) -> torch.Tensor:
 
 
 def decode_ours(model, ids: torch.Tensor, n: int, stamps: list[float]) -> list[int]:
-    """n greedy tokens through generate.py's greedy core (prefill, then decode_step per token
-    over the KV cache: the loop chat.py runs); the time after each is appended to `stamps`."""
+    """n greedy tokens through generate.py's prefill, then decode_step per token
+    over the KV cache (the loop chat.py runs); the time after each is appended to `stamps`."""
     from qwen_min import KVCache
     from qwen_min.generate import cache_dtype, decode_step, prefill
 
