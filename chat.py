@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -107,9 +108,12 @@ def read_generation_config(folder: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ChatError(f"{path}: not valid JSON ({e}); fix or delete it") from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ChatError(f"{path}: cannot be read as JSON ({e}); fix or delete it") from None
+    if not isinstance(config, dict):
+        raise ChatError(f"{path}: expected a JSON object of generation settings, got "
+                        f"{type(config).__name__}; fix or delete it")
     found = {k: config[k] for k in FALLBACK_SAMPLING if config.get(k) is not None}
     if config.get("do_sample") is False:
         found["greedy"] = True
@@ -282,6 +286,14 @@ def load(args: argparse.Namespace) -> tuple[Chat, torch.dtype]:
                 args.max_new_tokens, seed, device), dtype
 
 
+def read_stdin() -> str:
+    """Piped input, read whole as one message."""
+    try:
+        return sys.stdin.buffer.read().decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise ChatError(f"stdin is not UTF-8 text ({e}); pipe in UTF-8, or use --prompt") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -289,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt is not None:
             say(chat, args.prompt, dtype)
         elif not sys.stdin.isatty():
-            say(chat, sys.stdin.read().strip(), dtype)
+            say(chat, read_stdin(), dtype)
         else:
             interact(chat, dtype)
     except (CheckpointError, ChatError) as e:
@@ -298,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return 0
 
 

@@ -28,7 +28,15 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {name}: CUDA is not available here; use --device cpu or auto")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:N "
+                         "or mps") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s), numbered from 0")
+    return device
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -287,6 +287,14 @@ def test_generation_config_then_flags(tmp_path):
     assert settings("--top-p", "0.9").top_p == 0.9
     with pytest.raises(chat.ChatError, match=r"temperature must be > 0 and top_p in \(0, 1\]"):
         settings("--top-p", "0.9", "--temperature", "0")
+    (tmp_path / "generation_config.json").write_text("[0.7]")
+    with pytest.raises(chat.ChatError, match=r"generation_config.json: expected a JSON object "
+                       r"of generation settings, got list; fix or delete it"):
+        settings()
+    (tmp_path / "generation_config.json").write_bytes(b'{"top_p": "\xff"}')
+    with pytest.raises(chat.ChatError, match=r"generation_config.json: cannot be read as JSON "
+                       r"\('utf-8' codec can't decode byte 0xff"):
+        settings()
 
 
 def test_offline_says_what_train_says(monkeypatch, capsys):
@@ -304,7 +312,8 @@ def test_offline_says_what_train_says(monkeypatch, capsys):
 
 def test_tiny_model_notes_noise_and_streams_piped_stdin(real_vocab_checkpoint, monkeypatch,
                                                         capsys):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello from a pipe\n"))  # not a terminal
+    pipe = io.TextIOWrapper(io.BytesIO(b"Hello from a pipe\n"))  # not a terminal
+    monkeypatch.setattr(sys, "stdin", pipe)
     written = []
     push = StreamDecoder.push
     monkeypatch.setattr(StreamDecoder, "push",
@@ -315,6 +324,14 @@ def test_tiny_model_notes_noise_and_streams_piped_stdin(real_vocab_checkpoint, m
     assert "a random-weight model writes noise" in err
     assert re.search(rf"\[{len(written)} tokens, [\d.]+ tokens/s; prefill \d+ tokens", err)
     assert written and out == load_tokenizer(real_vocab_checkpoint).decode(written) + "\n"
+
+
+def test_piped_input_that_is_not_utf8_is_one_line(real_vocab_checkpoint, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe hi")))
+    assert chat.main(["--model", str(real_vocab_checkpoint), "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: stdin is not UTF-8 text ('utf-8' codec can't decode byte 0xff in position 0: "
+        "invalid start byte); pipe in UTF-8, or use --prompt")
 
 
 def test_a_message_too_long_is_one_line(real_vocab_checkpoint, capsys, new_chat):

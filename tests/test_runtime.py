@@ -71,3 +71,17 @@ def test_read_jsonl_skips_a_last_line_cut_by_a_kill(tmp_path):
     path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.4}\n{"step": 3, "lo')
     assert runtime.read_jsonl(path) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.4}]
     assert runtime.read_jsonl(tmp_path / "absent.jsonl") == []
+
+
+@pytest.mark.parametrize("name, line", [
+    ("foo", "--device foo: not a device name; use auto, cpu, cuda, cuda:N or mps"),
+    ("cpu:x", "--device cpu:x: not a device name; use auto, cpu, cuda, cuda:N or mps"),
+])
+def test_an_unknown_device_is_one_line(name, line):
+    with pytest.raises(SystemExit) as raised:
+        runtime.pick_device(name)
+    assert str(raised.value) == line
+
+
+def test_a_known_device_is_returned():
+    assert runtime.pick_device("cpu").type == "cpu"
