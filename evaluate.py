@@ -506,12 +506,15 @@ def backtest_errors(args, series, time, context_steps: int) -> np.ndarray | None
         return None
     res = baselines.forecast(args.baseline, series[:, :start], args.forecast_steps,
                              time=time[:context_steps])
-    return res.forecasts - series[:, start:context_steps]
+    forecasts = np.where(np.isfinite(res.forecasts), res.forecasts, np.nan)  # as the forecast
+    return forecasts - series[:, start:context_steps]
 
 
 DENSITY = {"model": "the model's token probabilities, renormalised to the LLMTIME grammar",
            "baseline": "Gaussian around the forecast, σ per horizon and variable from a "
-                       "backtest on the contexts; NLL/D from its mass on the truth's bin"}
+                       "backtest on the contexts; NLL/D from its mass on the truth's bin",
+           "point": "none: a point forecast (the context is too short to hold out a backtest "
+                    "for σ), so no NLL/D, coverage or PIT"}
 
 
 def forecast_distribution(values: np.ndarray, errors: np.ndarray | None,
@@ -728,6 +731,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         if args.compare:
+            if problem := check_args(args):  # --bootstrap is the one that --compare uses
+                return fail(problem)
             return compare(args.compare, Path(args.out), args.bootstrap)
         return run_evaluation(args)
     except (ledger.LedgerError, data.DataError) as e:
@@ -831,7 +836,8 @@ def run_evaluation(args: argparse.Namespace) -> int:
         "context_steps": context_steps,
         "alpha": scaler.alpha,
         "decimals": scaler.decimals,
-        "density": DENSITY["baseline" if args.baseline else "model"],
+        "density": DENSITY["model" if args.baseline is None else
+                           "baseline" if isinstance(forecast, Gaussian) else "point"],
         **scores,
         "teacher_forced_ce": float(np.mean(tf_ce)) if tf_ce else None,
         "generation_ce": float(np.mean(gen_ce)) if gen_ce else None,

@@ -441,9 +441,8 @@ def section_baselines(page: Page, runs: Runs, out: Path) -> None:
                   "log-likelihood per value (scaled units), the mass on the truth's LLMTIME bin "
                   "/ its width, never below −decimals·ln 10. Coverage: of the central interval "
                   "whose exact level (shown) is nearest 90%.")
-        calibration = calibration_figure(
-            {labels[0]: m for labels, _, m in rows + baselines},
-            out / "calibration-baselines.png")
+        calibration = calibration_figure(distinct_labels(rows + baselines),
+                                         out / "calibration-baselines.png")
         if calibration:
             page.figure(calibration, "calibration of the baselines and sampled runs above")
 
@@ -573,6 +572,15 @@ def save_figure(fig, path: Path, rect: tuple[float, ...] = (0, 0, 1, 1)) -> Path
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def distinct_labels(rows: list[tuple[list[str], Path, dict]]) -> dict[str, dict]:
+    """A table's rows as label → metrics.json for a figure: a label that an earlier row has
+    (two untrained runs of one split, sampled at two temperatures) gets its run's folder."""
+    runs = {}
+    for labels, path, m in rows:
+        runs[labels[0] if labels[0] not in runs else f"{labels[0]}, {path.parent}"] = m
+    return runs
 
 
 def calibration_figure(runs: dict[str, dict], png: Path) -> Path | None:

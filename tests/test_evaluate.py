@@ -244,6 +244,9 @@ def test_short_contexts_forecast_or_are_one_line_errors(setup, tmp_path, capsys,
             (2, "context-mean"): [1, 1, 1], (2, "linear"): [4, 6, 8]}[steps, name]
     forecasts = np.load(tmp_path / "eval" / "forecasts.npz")["forecasts"]
     np.testing.assert_array_equal(forecasts, [[[p, predator] for p in prey]] * 2)
+    # 3 forecast steps leave no context to backtest on: no σ, so the row says it is a point
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["density"] == evaluate.DENSITY["point"]
 
 
 def test_lv_fit_backtests_only_a_context_it_can_fit(setup, tmp_path):
@@ -554,3 +557,22 @@ def test_an_evaluation_reserves_and_respects_the_reservations_of_runs_in_flight(
     assert [r["kind"] for r in records[2:]] == ["reservation", "eval", "release"]
     assert records[2]["reserved"] >= records[3]["flops"] > 0
     assert ledger.held(records) == {}
+
+
+def test_a_backtest_that_blows_up_leaves_that_cell_out_of_sigma(monkeypatch):
+    """A baseline whose backtest overflows (lv-fit's ODE can) in one series: that cell is NaN,
+    as a failed forecast step is, so σ comes from the other series instead of being inf."""
+    series = np.zeros((2, 6, 2))
+    blown = np.array([[[np.inf, 1.0]], [[2.0, 3.0]]])  # (N, 1 step, 2)
+    monkeypatch.setattr(evaluate.baselines, "forecast",
+                        lambda *a, **k: SimpleNamespace(forecasts=blown, info={}))
+    args = SimpleNamespace(forecast_steps=1, baseline="persistence")
+    errors = evaluate.backtest_errors(args, series, np.arange(6.0), context_steps=5)
+    np.testing.assert_array_equal(errors, [[[np.nan, 1.0]], [[2.0, 3.0]]])
+
+
+def test_compare_refuses_a_negative_bootstrap_in_one_line(tmp_path, capsys):
+    assert evaluate.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                          str(tmp_path / "c"), "--bootstrap", "-1"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --bootstrap must be an integer ≥ 0 (0: no intervals), got -1\n")

@@ -463,3 +463,11 @@ def test_flop_section_shows_the_plan_the_sweep_ran(tiny, tmp_path):
                                 cfg, budget=1e15)
     assert plan == expected and plan["budget"] == 1e15 and plan["fits"]
     assert which == f"--plan fit, as {tmp_path / 'sweep' / 'sweep.json'} records it"
+
+
+def test_two_runs_with_one_label_both_reach_the_figure(tmp_path):
+    a, b = {"n": 1}, {"n": 2}
+    rows = [(["untrained (val)"], tmp_path / "t1" / "metrics.json", a),
+            (["untrained (val)"], tmp_path / "t2" / "metrics.json", b)]
+    assert report.distinct_labels(rows) == {"untrained (val)": a,
+                                            f"untrained (val), {tmp_path / 't2'}": b}
