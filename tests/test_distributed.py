@@ -90,7 +90,7 @@ def free_port() -> int:
 # torch 2.13's gloo DDP on the CPU sometimes kills a rank with a signal from a native thread
 # ("terminate called without an active exception" and SIGABRT, or SIGSEGV/SIGBUS), with none of
 # this project's code involved: a minimal script (init, DDP over one nn.Linear, one backward,
-# destroy) lost a rank in 4 of 60 spawns here, these ranks outside pytest in 3 of 40, and under
+# destroy) lost a rank in 4 of 45 spawns here, these ranks outside pytest in 3 of 40, and under
 # pytest about 1 spawn in 3. So a rank killed by a signal is run again, 4 times at most; a rank
 # that raises (any error of ours) fails at once.
 SIGNAL_RETRIES = 4
